@@ -1,0 +1,89 @@
+"""Process-group set-up: torch.distributed + Megatron's parallel_state, on gloo (CPU) or NCCL (GPU).
+
+Everything else in ``redi_megatron.parallel`` takes its groups as arguments; ``groups()`` is the one
+place that reads them back from Megatron's global state, as an explicit :class:`ParallelGroups`.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from redi_megatron.compat import cpu as cpu_compat
+
+
+@dataclass(frozen=True)
+class ParallelGroups:
+    """Explicit process groups for one rank; a group of size 1 is kept (functions treat it as no-op)."""
+
+    tp: Optional[dist.ProcessGroup]
+    pp: Optional[dist.ProcessGroup]
+    cp: Optional[dist.ProcessGroup]
+    dp: Optional[dist.ProcessGroup]          # data parallel, without CP
+    dp_cp: Optional[dist.ProcessGroup]       # data x context parallel (Megatron's gradient group)
+
+    @staticmethod
+    def size(group: Optional[dist.ProcessGroup]) -> int:
+        return 1 if group is None else dist.get_world_size(group)
+
+    @staticmethod
+    def rank(group: Optional[dist.ProcessGroup]) -> int:
+        return 0 if group is None else dist.get_rank(group)
+
+
+def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, *,
+                  rank: Optional[int] = None, world_size: Optional[int] = None, seed: int = 1234,
+                  timeout_s: float = 600.0) -> ParallelGroups:
+    """Initialise torch.distributed (env:// rendezvous) and Megatron's model-parallel groups.
+
+    On a machine without CUDA this activates :mod:`redi_megatron.compat.cpu` and uses gloo.
+    """
+    on_gpu = cpu_compat.cuda_available()
+    if not on_gpu:
+        cpu_compat.activate()
+    rank = int(os.environ.get("RANK", 0)) if rank is None else rank
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if world_size is None else world_size
+    if world_size % (tp * pp * cp):
+        raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if on_gpu:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
+        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout_s))
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
+        # The default backend is already gloo on CPU; extra gloo groups would only cost start-up time.
+        create_gloo_process_groups=on_gpu,
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return groups()
+
+
+def groups() -> ParallelGroups:
+    """The current rank's groups, read from Megatron's parallel_state."""
+    from megatron.core import parallel_state as ps
+
+    return ParallelGroups(
+        tp=ps.get_tensor_model_parallel_group(), pp=ps.get_pipeline_model_parallel_group(),
+        cp=ps.get_context_parallel_group(), dp=ps.get_data_parallel_group(),
+        dp_cp=ps.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default group (explicitly: avoids aborts at exit)."""
+    from megatron.core import parallel_state as ps
+
+    ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
