@@ -53,3 +53,18 @@ def global_order_from_cp_chunks(gathered: torch.Tensor, cp_size: int, seq_dim: i
         first, second = cp_chunk_ids(r, cp_size)
         ordered[first], ordered[second] = chunks[2 * r], chunks[2 * r + 1]
     return torch.cat(ordered, dim=seq_dim)  # type: ignore[arg-type]
+
+
+def all_gather_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], seq_dim: int = 0
+                  ) -> torch.Tensor:
+    """All-gather this CP rank's part along ``seq_dim`` and return it in global sequence order.
+
+    Differentiable: the backward gives each rank the sum, over all ranks, of the gradient that flowed
+    into its own slice (``torch.distributed.nn.functional.all_gather``). ``[S//CP, ...] -> [S, ...]``.
+    """
+    if cp_group is None or dist.get_world_size(cp_group) == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    parts = all_gather(tensor.contiguous(), group=cp_group)
+    return global_order_from_cp_chunks(torch.cat(parts, dim=seq_dim), len(parts), seq_dim)

@@ -1,0 +1,118 @@
+"""Model and parallelism schema (dataclasses) and their translation to Megatron's TransformerConfig."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+FAMILIES = ("qwen2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of a decoder-only model (Qwen2 or Llama family). Defaults: a tiny CPU test model."""
+
+    family: str = "qwen2"
+    num_layers: int = 2
+    hidden_size: int = 64
+    ffn_hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: int = 2
+    kv_channels: Optional[int] = None        # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = 256                    # the tokenizer/HF embedding rows, before TP padding
+    make_vocab_size_divisible_by: int = 128
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    add_qkv_bias: bool = True                # Qwen2: True, Llama: False
+    tie_word_embeddings: bool = True
+    init_method_std: float = 0.02
+
+    def validate(self, tp: int = 1) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple "
+                             f"of model.num_query_groups ({self.num_query_groups})")
+        for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+            if getattr(self, name) % tp:
+                raise ValueError(f"parallel.tp={tp} does not divide model.{name}={getattr(self, name)}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            raise ValueError("model.hidden_size must be divisible by model.num_attention_heads "
+                             "(or set model.kv_channels)")
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    def padded_vocab_size(self, tp: int = 1) -> int:
+        """Embedding rows after padding: a multiple of ``make_vocab_size_divisible_by`` that TP divides.
+
+        Padding does not depend on TP when TP divides the rounded size (true for Qwen2.5's 151,936
+        up to TP=128), so checkpoints reshard across TP without changing shapes.
+        """
+        multiple = self.make_vocab_size_divisible_by
+        padded = -(-self.vocab_size // multiple) * multiple
+        if padded % tp:
+            padded = -(-self.vocab_size // (multiple * tp)) * multiple * tp
+        return padded
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    vpp: Optional[int] = None                # virtual pipeline stages per rank
+    sequence_parallel: bool = False
+    batch_p2p_comm: bool = True              # forced off where gloo would mis-order messages
+
+    def validate(self, world_size: int, model: ModelConfig) -> None:
+        if world_size % (self.tp * self.pp * self.cp):
+            raise ValueError(f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
+                             f"{self.tp}*{self.pp}*{self.cp}")
+        model.validate(self.tp)
+        layers_per_rank = model.num_layers / self.pp / (self.vpp or 1)
+        if layers_per_rank != int(layers_per_rank):
+            raise ValueError(f"model.num_layers={model.num_layers} is not divisible by parallel.pp"
+                             f"{'*vpp' if self.vpp else ''}={self.pp * (self.vpp or 1)}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+
+    def seq_multiple(self) -> int:
+        """Every row length must be a multiple of this (CP load-balancing, SP scatter)."""
+        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
+                       on_gpu: bool = False, recompute: Optional[str] = None, fp8: Optional[str] = None):
+    """Megatron ``TransformerConfig`` for the model under the given layout and precision."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    batch_p2p = parallel.batch_p2p_comm
+    if not on_gpu and parallel.vpp and parallel.pp == 2:
+        # gloo matches messages per peer FIFO; with PP=2 the previous and next stage are one peer,
+        # so batched isend/irecv swap activations and gradients silently. Non-batched is exact.
+        batch_p2p = False
+    return TransformerConfig(
+        num_layers=model.num_layers, hidden_size=model.hidden_size,
+        ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups, kv_channels=model.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=model.norm_eps, gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=model.add_qkv_bias,
+        hidden_dropout=0.0, attention_dropout=0.0, init_method_std=model.init_method_std,
+        tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,
+        sequence_parallel=parallel.sequence_parallel, batch_p2p_comm=batch_p2p,
+        variable_seq_lengths=True,           # packed microbatches differ in length
+        moe_token_dispatcher_type="alltoall",  # dense model; "allgather" (default) rejects the line above
+        calculate_per_token_loss=True,       # see redi_megatron.parallel.loss_scaling
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu, perform_initialization=True,
+        bias_activation_fusion=on_gpu, masked_softmax_fusion=on_gpu, bias_dropout_fusion=on_gpu,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        recompute_granularity=recompute, recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+        fp8=fp8, fp8_recipe="delayed" if fp8 else None,
+    )
