@@ -1,0 +1,254 @@
+"""``redi-curate``: OpenR1-Math-Raw -> positives (SFT stage) and pairs (REDI stage), as the paper did.
+
+Pipeline (defaults are the paper's rules, every one configurable):
+
+1. read parquet/JSONL (a file or a directory) in chunks, in parallel processes;
+2. per row: keep ``problem_is_valid == yes``, drop ``source == cn_k12``, validate fields (bad rows are
+   counted and listed by row index, ``--strict`` makes the first one an error), label each generation
+   correct when ``llama_verification AND math_verify_reparsed_answer``;
+3. positive = first correct generation; pair = first correct + first incorrect;
+4. token lengths with the real tokenizer; length filter (prompt <= 800, completions <= 19,000 tokens);
+5. order = the authors' ``datasets.Dataset.shuffle(seed=42)`` of the raw rows;
+6. write HF datasets on disk (or JSONL) with provenance, and ``curation_report.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .curate_report import Report, write_outputs
+from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, ChunkResult, WorkerSpec, init_worker, process_chunk
+from .openr1 import SCHEMAS, RowRules, detect_schema, resolve_rule
+from .readers import file_columns, list_input_files, plan_chunks
+from .templates import QWEN_MATH_SYSTEM_PROMPT, TemplateConfig, check_tokenizer, load_tokenizer
+
+OUTPUTS = ("positives", "pairs")
+LENGTH_FILTER_SCOPES = ("pairs", "both", "none")
+
+
+@dataclass
+class CurationConfig:
+    """Schema of a curation run (CLI flags map 1:1 onto these fields)."""
+
+    input: str
+    output: str
+    tokenizer: str
+    schema: str = "auto"  # auto | openr1-raw | openr1-raw-v1 | openr1-220k
+    correctness_rule: str = "auto"  # see openr1.CORRECTNESS_RULES; auto = the schema's default
+    require_valid: bool = True
+    valid_values: Tuple[str, ...] = ("yes",)
+    exclude_sources: Tuple[str, ...] = ("cn_k12",)
+    require_complete_reasoning: bool = True
+    shuffle_seed: Optional[int] = 42  # None keeps the input order
+    max_prompt_tokens: Optional[int] = 800
+    max_completion_tokens: Optional[int] = 19000
+    # The authors length-filtered the pair set only (their SFT set had no length filter).
+    length_filter: str = "pairs"  # pairs | both | none
+    length_measure: str = LENGTH_EXACT  # exact | authors
+    outputs: Tuple[str, ...] = OUTPUTS
+    output_format: str = "hf"  # hf | jsonl
+    system_prompt: Optional[str] = QWEN_MATH_SYSTEM_PROMPT
+    eos_token: Optional[str] = "<|endoftext|>"
+    strict: bool = False
+    num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
+    rows_per_chunk: int = 512
+    overwrite: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        """ValueError naming the offending field."""
+        if self.schema != "auto" and self.schema not in SCHEMAS:
+            raise ValueError(f"schema: {self.schema!r} not in {('auto',) + SCHEMAS}")
+        if self.length_filter not in LENGTH_FILTER_SCOPES:
+            raise ValueError(f"length_filter: {self.length_filter!r} not in {LENGTH_FILTER_SCOPES}")
+        if self.length_measure not in (LENGTH_EXACT, LENGTH_AUTHORS):
+            raise ValueError(f"length_measure: {self.length_measure!r} not in {(LENGTH_EXACT, LENGTH_AUTHORS)}")
+        if not self.outputs or any(o not in OUTPUTS for o in self.outputs):
+            raise ValueError(f"outputs: {self.outputs!r} must be a non-empty subset of {OUTPUTS}")
+        if self.output_format not in ("hf", "jsonl"):
+            raise ValueError(f"output_format: {self.output_format!r} not in ('hf', 'jsonl')")
+        for name in ("max_prompt_tokens", "max_completion_tokens"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                raise ValueError(f"{name}: must be positive or None, got {v}")
+        if self.num_proc < 1 or self.rows_per_chunk < 1:
+            raise ValueError("num_proc and rows_per_chunk must be >= 1")
+
+    def template(self) -> TemplateConfig:
+        return TemplateConfig(system_prompt=self.system_prompt, eos_token=self.eos_token)
+
+
+def _detect_schema(files: Sequence[str], requested: str) -> str:
+    found = {f: detect_schema(file_columns(f), f) for f in files}
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        detail = ", ".join(f"{os.path.basename(f)}={s}" for f, s in list(found.items())[:6])
+        raise ValueError(f"input files mix schemas {kinds} ({detail}); curate them separately")
+    if requested != "auto" and requested != kinds[0]:
+        raise ValueError(f"schema {requested!r} requested but {files[0]} looks like {kinds[0]}")
+    return kinds[0]
+
+
+def shuffle_ranks(n: int, seed: Optional[int]) -> np.ndarray:
+    """rank[i] = position of raw row i after ``datasets.Dataset.shuffle(seed=seed)`` (int64 [n]).
+
+    The authors shuffled with HF datasets, which draws ``np.random.default_rng(seed).permutation(n)``.
+    """
+    if seed is None:
+        return np.arange(n, dtype=np.int64)
+    perm = np.random.default_rng(seed).permutation(n)
+    ranks = np.empty(n, dtype=np.int64)
+    ranks[perm] = np.arange(n, dtype=np.int64)
+    return ranks
+
+
+def _results(chunks: list, spec: WorkerSpec, num_proc: int):
+    """ChunkResults in chunk order, from a spawn pool (or in-process when num_proc == 1)."""
+    if num_proc == 1 or len(chunks) == 1:
+        init_worker(spec)
+        for c in chunks:
+            yield process_chunk(c)
+        return
+    import multiprocessing as mp
+
+    # spawn: the parent may hold torch / tokenizer threads, which fork would copy in a broken state
+    with mp.get_context("spawn").Pool(num_proc, initializer=init_worker, initargs=(spec,)) as pool:
+        yield from pool.imap(process_chunk, chunks)
+
+
+def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
+    """Run the curation; returns the report (also written to ``<output>/curation_report.json``).
+
+    ``tokenizer`` (a fast HF tokenizer) overrides loading ``cfg.tokenizer`` from disk.
+    """
+    cfg.validate()
+    files = list_input_files(cfg.input)
+    schema = _detect_schema(files, cfg.schema)
+    rules = RowRules(
+        schema=schema,
+        correctness_rule=resolve_rule(schema, cfg.correctness_rule),
+        require_valid=cfg.require_valid,
+        valid_values=tuple(v.strip().lower() for v in cfg.valid_values),
+        exclude_sources=tuple(cfg.exclude_sources),
+        require_complete_reasoning=cfg.require_complete_reasoning,
+    )
+    if os.path.exists(cfg.output):
+        if not cfg.overwrite:
+            raise ValueError(f"output {cfg.output} exists; pass --overwrite to replace it")
+        shutil.rmtree(cfg.output)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    check_tokenizer(tok, cfg.template(), where=str(cfg.tokenizer))
+    chunks = plan_chunks(files, cfg.rows_per_chunk)
+    n = sum(c.num_rows for c in chunks)
+    spec = WorkerSpec(rules, cfg.template(), cfg.length_measure, os.path.abspath(cfg.input), tok)
+    report = Report(cfg, schema, rules.correctness_rule, files, n)
+    ranks = shuffle_ranks(n, cfg.shuffle_seed)
+    os.makedirs(cfg.output)
+    tmp = os.path.join(cfg.output, ".tmp")
+    os.makedirs(tmp)
+    try:
+        _process_all(cfg, chunks, spec, report, ranks, tmp, n)
+        report.check_not_empty(cfg.outputs)
+        write_outputs(cfg, report, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    result = report.to_dict()
+    with open(os.path.join(cfg.output, "curation_report.json"), "w", encoding="utf-8") as f:
+        json.dump(result, f, indent=2, ensure_ascii=False)
+    report.print_summary()
+    return result
+
+
+def _process_all(cfg, chunks, spec, report: Report, ranks: np.ndarray, tmp: str, n: int) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc="curate rows", unit="row", disable=not cfg.progress, mininterval=2.0)
+    writers = {name: open(os.path.join(tmp, f"{name}.jsonl"), "wb") for name in cfg.outputs}
+    try:
+        for res in _results(chunks, spec, min(cfg.num_proc, len(chunks))):
+            if cfg.strict and res.bad_rows:
+                b = res.bad_rows[0]
+                raise ValueError(f"--strict: bad row {b['index']} ({b['file']} row {b['row']}): {b['reason']}")
+            report.add_chunk(res)
+            for name, writer in writers.items():
+                for rec in getattr(res, name):
+                    if report.keep(name, rec):
+                        rec["shuffle_rank"] = int(ranks[rec["original_index"]])
+                        report.remember(name, rec["shuffle_rank"], writer.tell())
+                        writer.write(json.dumps(rec, ensure_ascii=False).encode("utf-8") + b"\n")
+            bar.update(res.num_rows)
+    finally:
+        for w in writers.values():
+            w.close()
+        bar.close()
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redi-curate",
+        description="Curate OpenR1-Math-Raw into REDI positives and pairs (paper rules by default).",
+    )
+    p.add_argument("--input", required=True, help="parquet/JSONL file or a directory of them")
+    p.add_argument("--output", required=True, help="output directory (positives/, pairs/, curation_report.json)")
+    p.add_argument("--tokenizer", required=True, help="HF tokenizer directory (the model's)")
+    p.add_argument("--schema", default="auto", choices=("auto",) + SCHEMAS)
+    p.add_argument("--correctness-rule", default="auto")
+    p.add_argument("--no-require-valid", dest="require_valid", action="store_false")
+    p.add_argument("--valid-values", nargs="+", default=["yes"])
+    p.add_argument("--exclude-sources", nargs="*", default=["cn_k12"])
+    p.add_argument("--keep-incomplete", dest="require_complete_reasoning", action="store_false",
+                   help="220k: also use generations whose reasoning is marked incomplete")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed (the authors' 42)")
+    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--max-prompt-tokens", type=int, default=800, help="<= 0 disables")
+    p.add_argument("--max-completion-tokens", type=int, default=19000, help="<= 0 disables")
+    p.add_argument("--length-filter", default="pairs", choices=LENGTH_FILTER_SCOPES)
+    p.add_argument("--length-measure", default=LENGTH_EXACT, choices=(LENGTH_EXACT, LENGTH_AUTHORS))
+    p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS)
+    p.add_argument("--format", dest="output_format", default="hf", choices=("hf", "jsonl"))
+    p.add_argument("--system-prompt", default=QWEN_MATH_SYSTEM_PROMPT)
+    p.add_argument("--eos-token", default="<|endoftext|>", help="'tokenizer' = the tokenizer's own eos_token")
+    p.add_argument("--strict", action="store_true", help="the first bad row is an error")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--rows-per-chunk", type=int, default=512)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def config_from_args(argv: Optional[Sequence[str]] = None) -> CurationConfig:
+    a = build_arg_parser().parse_args(argv)
+    return CurationConfig(
+        input=a.input, output=a.output, tokenizer=a.tokenizer, schema=a.schema,
+        correctness_rule=a.correctness_rule, require_valid=a.require_valid,
+        valid_values=tuple(a.valid_values), exclude_sources=tuple(a.exclude_sources),
+        require_complete_reasoning=a.require_complete_reasoning,
+        shuffle_seed=None if a.no_shuffle else a.seed,
+        max_prompt_tokens=a.max_prompt_tokens if a.max_prompt_tokens > 0 else None,
+        max_completion_tokens=a.max_completion_tokens if a.max_completion_tokens > 0 else None,
+        length_filter=a.length_filter, length_measure=a.length_measure, outputs=tuple(a.outputs),
+        output_format=a.output_format, system_prompt=a.system_prompt or None,
+        eos_token=None if a.eos_token == "tokenizer" else a.eos_token, strict=a.strict,
+        num_proc=a.num_proc, rows_per_chunk=a.rows_per_chunk, overwrite=a.overwrite, progress=a.progress,
+    )
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    cfg = config_from_args(argv)
+    try:
+        curate(cfg)
+    except ValueError as e:
+        print(f"redi-curate: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Streaming readers for large raw inputs (parquet and JSON Lines, single files or directories).
+
+Inputs are split into independent chunks (a parquet row group, or a range of JSONL lines) so that
+worker processes can read and process them in parallel while every row keeps a stable global index:
+files are taken in sorted path order (the order ``datasets.load_dataset`` uses for a directory), rows in
+file order. Blank JSONL lines are not rows; a line that is not valid JSON is a row (reported as bad).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+PARQUET_EXT = (".parquet",)
+JSONL_EXT = (".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A contiguous block of rows of one file."""
+
+    path: str
+    kind: str  # "parquet" | "jsonl"
+    first_index: int  # global index of the chunk's first row
+    num_rows: int
+    row_in_file: int  # index of the first row inside its file
+    row_group: int = -1  # parquet
+    byte_start: int = 0  # jsonl
+    byte_end: int = 0  # jsonl
+
+
+def list_input_files(path: str) -> List[str]:
+    """Sorted parquet/JSONL files under ``path`` (a file or a directory, searched recursively)."""
+    if os.path.isfile(path):
+        if not path.endswith(PARQUET_EXT + JSONL_EXT):
+            raise ValueError(f"{path}: unsupported input file type (expected .parquet, .jsonl or .json)")
+        return [path]
+    if not os.path.isdir(path):
+        raise ValueError(f"input {path!r} does not exist")
+    files = []
+    for root, dirs, names in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files.extend(os.path.join(root, n) for n in names if n.endswith(PARQUET_EXT + JSONL_EXT))
+    files.sort()
+    if not files:
+        raise ValueError(f"{path}: no .parquet, .jsonl or .json files found")
+    kinds = {f.endswith(PARQUET_EXT) for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: mixes parquet and JSON files; point to one kind")
+    return files
+
+
+def _parquet_chunks(path: str, first_index: int) -> List[Chunk]:
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    chunks, row = [], 0
+    for g in range(meta.num_row_groups):
+        n = meta.row_group(g).num_rows
+        chunks.append(Chunk(path, "parquet", first_index + row, n, row, row_group=g))
+        row += n
+    return chunks
+
+
+def _jsonl_chunks(path: str, first_index: int, rows_per_chunk: int) -> List[Chunk]:
+    chunks: List[Chunk] = []
+    start, offset, rows, row_in_file = 0, 0, 0, 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                rows += 1
+            offset += len(line)
+            if rows == rows_per_chunk:
+                chunks.append(Chunk(path, "jsonl", first_index + row_in_file, rows, row_in_file, -1, start, offset))
+                row_in_file += rows
+                start, rows = offset, 0
+    if rows:
+        chunks.append(Chunk(path, "jsonl", first_index + row_in_file, rows, row_in_file, -1, start, offset))
+    return chunks
+
+
+def plan_chunks(files: Sequence[str], rows_per_chunk: int = 512) -> List[Chunk]:
+    """Chunks covering every row of ``files`` in order."""
+    chunks: List[Chunk] = []
+    total = 0
+    for path in files:
+        new = _parquet_chunks(path, total) if path.endswith(PARQUET_EXT) else _jsonl_chunks(path, total, rows_per_chunk)
+        chunks.extend(new)
+        total += sum(c.num_rows for c in new)
+    return chunks
+
+
+def file_columns(path: str) -> List[str]:
+    """Column names of a file (JSONL: keys of its first row that parses as an object)."""
+    if path.endswith(PARQUET_EXT):
+        import pyarrow.parquet as pq
+
+        return list(pq.ParquetFile(path).schema_arrow.names)
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return list(obj.keys())
+    raise ValueError(f"{path}: no JSON object found to detect the schema from")
+
+
+# A row as read: the parsed object, or an error string when the line is not valid JSON.
+RawRow = Tuple[Optional[Dict[str, Any]], str]
+
+
+def read_chunk(chunk: Chunk, columns: Sequence[str], batch_rows: int = 256) -> Iterator[List[RawRow]]:
+    """Rows of one chunk in order, in lists of up to ``batch_rows``."""
+    if chunk.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(chunk.path)
+        cols = [c for c in columns if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[chunk.row_group], columns=cols):
+            yield [(r, "") for r in batch.to_pylist()]
+        return
+    out: List[RawRow] = []
+    with open(chunk.path, "rb") as f:
+        f.seek(chunk.byte_start)
+        data = f.read(chunk.byte_end - chunk.byte_start)
+    for line in data.split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            out.append((obj, "") if isinstance(obj, dict) else (None, "line is not a JSON object"))
+        except ValueError as e:
+            out.append((None, f"invalid JSON: {str(e)[:80]}"))
+        if len(out) == batch_rows:
+            yield out
+            out = []
+    if out:
+        yield out

@@ -1,0 +1,187 @@
+"""Synthetic OpenR1-Math rows in the published schemas, with realistic failure cases.
+
+For tests and demos (no real OpenR1 rows are available offline). Every row is built from a declared
+category, so the expected count of every curation rule is known by construction; ``RAW_LAYOUT``
+lists the categories and their sizes. Text lengths are controlled in "filler sentences" so that tests can
+use small token limits (e.g. prompt <= 200, completion <= 400 tokens) to exercise the length filter.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from typing import Any, Dict, List, Optional, Tuple
+
+# category -> number of rows in the current-schema fixture
+RAW_LAYOUT: Dict[str, int] = {
+    "pair": 150,  # valid, >= 1 correct and >= 1 incorrect generation
+    "only_correct": 40,
+    "only_incorrect": 25,
+    "invalid": 27,  # problem_is_valid "No", null or "Incomplete"
+    "invalid_cn_k12": 3,  # invalid AND cn_k12: counted as invalid (validity is checked first)
+    "cn_k12": 20,  # valid, would form pairs, but excluded by source
+    "bad": 20,  # structural problems, see _bad_row
+    "long_prompt": 3,  # pair rows whose problem is over the test prompt limit
+    "long_chosen": 2,  # pair rows whose first correct generation is over the test completion limit
+    "long_rejected": 2,  # pair rows whose first incorrect generation is over the limit
+    "control_token": 2,  # pair rows whose chosen generation contains "<|im_end|>"
+}
+BAD_KINDS = (
+    ["misaligned"] * 4 + ["no_correctness"] * 2 + ["no_reparsed"] * 2 + ["generations_str"] * 2
+    + ["generations_empty_list"] * 3 + ["generation_empty_string"] * 2 + ["problem_none"] * 2
+    + ["label_str"] * 2 + ["source_none"] * 1
+)
+assert len(BAD_KINDS) == RAW_LAYOUT["bad"]
+
+SOURCES = ("olympiads", "amc_aime", "aops_forum", "cn_contest", "inequalities", "number_theory")
+_WORDS = "we add the two numbers carefully and check each step of the computation again".split()
+
+
+def _sentence(rng: random.Random) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(12)).capitalize() + "."
+
+
+def _problem(rng: random.Random, k: int, long: bool = False) -> Tuple[str, str]:
+    a, b = rng.randint(2, 999), rng.randint(2, 999)
+    filler = " ".join(_sentence(rng) for _ in range(30 if long else rng.randint(0, 3)))
+    return f"Problem {k}: compute ${a} + {b}$. {filler}".strip(), str(a + b)
+
+
+def _generation(rng: random.Random, answer: str, correct: bool, long: bool = False) -> str:
+    steps = "\n".join(_sentence(rng) for _ in range(60 if long else rng.randint(1, 8)))
+    shown = answer if correct else str(int(answer) + rng.randint(1, 9))
+    return f"<think>\n{steps}\n</think>\n\nThe answer is $\\boxed{{{shown}}}$."
+
+
+def _labels(rng: random.Random, correct: bool) -> Tuple[Optional[bool], bool, bool]:
+    """(llama_verification, math_verify_answer, math_verify_reparsed_answer) for one generation."""
+    if correct:
+        return True, rng.random() < 0.9, True
+    kind = rng.choice(["llama_false", "reparsed_false", "both_false", "llama_null"])
+    llama = {"llama_false": False, "reparsed_false": True, "both_false": False, "llama_null": None}[kind]
+    reparsed = kind == "llama_false"  # llama_false -> reparsed True (still incorrect under AND)
+    return llama, reparsed, reparsed
+
+
+def _pattern(rng: random.Random, category: str) -> List[bool]:
+    n = rng.randint(2, 4)
+    if category == "only_correct":
+        return [True] * n
+    if category == "only_incorrect":
+        return [False] * n
+    flags = [rng.random() < 0.5 for _ in range(n)]
+    flags[rng.randrange(n)] = True
+    if all(flags):
+        flags[rng.randrange(n)] = False
+    return flags
+
+
+def _row(rng: random.Random, k: int, category: str) -> Dict[str, Any]:
+    problem, answer = _problem(rng, k, long=category == "long_prompt")
+    flags = _pattern(rng, category)
+    first_true, first_false = flags.index(True) if True in flags else -1, flags.index(False) if False in flags else -1
+    gens = []
+    for i, ok in enumerate(flags):
+        long = (category == "long_chosen" and i == first_true) or (category == "long_rejected" and i == first_false)
+        gens.append(_generation(rng, answer, ok, long=long))
+    if category == "control_token":
+        gens[first_true] = gens[first_true].replace("\n</think>", "<|im_end|>\n</think>")
+    labels = [_labels(rng, ok) for ok in flags]
+    valid = rng.choice(["Yes", "Yes", "Yes", "yes", " YES "])
+    if category.startswith("invalid"):
+        valid = [None, "No", "Incomplete"][0 if k % 9 == 0 else (2 if k % 7 == 0 else 1)]
+    source = "cn_k12" if category in ("cn_k12", "invalid_cn_k12") else rng.choice(SOURCES)
+    return {
+        "problem": problem, "solution": f"Adding gives {answer}.", "answer": answer,
+        "problem_type": "Algebra", "question_type": "math-word-problem", "problem_is_valid": valid,
+        "solution_is_valid": "Yes", "source": source, "synthetic": False, "generations": gens,
+        "generations_count": len(gens),
+        "correctness": {
+            "llama_verification": [lab[0] for lab in labels],
+            "math_verify_answer": [lab[1] for lab in labels],
+            "math_verify_reparsed_answer": [lab[2] for lab in labels],
+        },
+        "reparsed_answers": [answer] * len(gens),
+    }
+
+
+def _bad_row(rng: random.Random, k: int, kind: str) -> Dict[str, Any]:
+    row = _row(rng, k, "pair")
+    corr = row["correctness"]
+    if kind == "misaligned":
+        corr["llama_verification"] = corr["llama_verification"][:-1]
+    elif kind == "no_correctness":
+        row["correctness"] = None
+    elif kind == "no_reparsed":
+        del corr["math_verify_reparsed_answer"]
+    elif kind == "generations_str":
+        row["generations"] = row["generations"][0]
+    elif kind == "generations_empty_list":
+        row["generations"] = []
+        for key in corr:
+            corr[key] = []
+    elif kind == "generation_empty_string":
+        row["generations"][-1] = "   "
+    elif kind == "problem_none":
+        row["problem"] = None
+    elif kind == "label_str":
+        corr["math_verify_reparsed_answer"][0] = "true"
+    elif kind == "source_none":
+        row["source"] = None
+    return row
+
+
+def raw_rows(seed: int = 0) -> Tuple[List[Dict[str, Any]], List[str]]:
+    """(rows, category of each row) in the current OpenR1-Math-Raw schema, in a seeded random order."""
+    rng = random.Random(seed)
+    cats = [c for c, n in RAW_LAYOUT.items() for _ in range(n)]
+    rng.shuffle(cats)
+    bad = list(BAD_KINDS)
+    rng.shuffle(bad)
+    rows = []
+    for k, cat in enumerate(cats):
+        rows.append(_bad_row(rng, k, bad.pop()) if cat == "bad" else _row(rng, k, cat))
+    return rows, cats
+
+
+def raw_v1_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
+    """Earlier OpenR1-Math-Raw schema: ``correctness_math_verify`` + ``correct_count``."""
+    rows = []
+    for r in raw_rows(seed)[0][: n * 2]:
+        if not isinstance(r.get("correctness"), dict) or "math_verify_reparsed_answer" not in r["correctness"]:
+            continue
+        mv = r.pop("correctness")["math_verify_answer"]
+        r.pop("reparsed_answers")
+        r["correctness_math_verify"] = mv
+        r["correct_count"] = sum(bool(v) for v in mv)
+        rows.append(r)
+    return rows[:n]
+
+
+def openr1_220k_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
+    """OpenR1-Math-220k schema (no ``problem_is_valid``; ``is_reasoning_complete``; llama may be null)."""
+    rng = random.Random(seed + 1)
+    rows = []
+    for k in range(n):
+        r = _row(rng, k, "pair")
+        corr = r.pop("correctness")
+        for key in ("problem_is_valid", "solution_is_valid", "synthetic", "generations_count", "reparsed_answers"):
+            r.pop(key)
+        r["uuid"] = f"00000000-0000-0000-0000-{k:012d}"
+        r["correctness_math_verify"] = corr["math_verify_reparsed_answer"]
+        r["correctness_llama"] = None if k % 3 == 0 else corr["llama_verification"]
+        r["is_reasoning_complete"] = [k % 5 != 0 or i > 0 for i in range(len(r["generations"]))]
+        r["finish_reasons"] = None
+        r["correctness_count"] = sum(bool(v) for v in r["correctness_math_verify"])
+        r["messages"] = [{"role": "user", "content": r["problem"]}]
+        rows.append(r)
+    return rows
+
+
+def write_jsonl(rows: List[Dict[str, Any]], path: str) -> str:
+    """Write rows as JSON Lines (creating parent directories); returns ``path``."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return path
