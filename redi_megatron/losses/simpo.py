@@ -1,0 +1,60 @@
+"""SimPO (Meng et al. 2024): reference-free, length-normalised, with a target reward margin.
+
+    L(pair) = -log sigmoid(beta * (logp(y_w)/|y_w| - logp(y_l)/|y_l|) - gamma)
+
+averaged over pairs. ``gamma`` is the absolute margin (TRL's ``gamma_beta_ratio`` is ``gamma / beta``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from redi_megatron.losses.common import check_lengths, check_pair_tensors, compute_pair_loss, pair_metrics
+from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
+
+
+@dataclass(frozen=True)
+class SimPOConfig:
+    """``beta`` scales the normalised log-prob margin, ``gamma`` is the target margin."""
+
+    beta: float = 2.0
+    gamma: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.beta) and self.beta > 0):
+            raise ValueError(f"simpo: beta must be finite and > 0, got {self.beta}")
+        if not math.isfinite(self.gamma):
+            raise ValueError(f"simpo: gamma must be finite, got {self.gamma}")
+
+
+def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor,
+               rejected_lengths: torch.Tensor, *, beta: float = 2.0, gamma: float = 1.0, validate: bool = True
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-pair SimPO loss.
+
+    chosen_logps, rejected_logps: ``[P]`` summed completion log-probs; chosen_lengths, rejected_lengths:
+    ``[P]`` ``|y|`` (>= 1). Returns ``(losses [P], metrics)`` with the common detached ``[P]`` pair metrics.
+    """
+    SimPOConfig(beta, gamma)
+    check_pair_tensors("simpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if validate:
+        check_lengths("simpo_loss", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_norm = chosen_logps / chosen_lengths.to(chosen_logps.dtype)
+    rejected_norm = rejected_logps / rejected_lengths.to(rejected_logps.dtype)
+    losses = -F.logsigmoid(beta * (chosen_norm - rejected_norm) - gamma)
+    return losses, pair_metrics(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
+
+
+def _compute(inputs: LossInputs, hp: SimPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    return compute_pair_loss(inputs, simpo_loss, beta=hp.beta, gamma=hp.gamma)
+
+
+SIMPO = register_loss(LossSpec(
+    name="simpo", normalizer="pairs", needs_pairs_together=True, needs_reference=False,
+    config_cls=SimPOConfig, compute=_compute,
+    description="SimPO: -log sigmoid(beta*(logp_w/|y_w| - logp_l/|y_l|) - gamma), mean over pairs",
+))
