@@ -1,0 +1,347 @@
+"""Tokenized training datasets built from the curated outputs, cached on disk.
+
+``build_sft_dataset`` reads positives (``problem`` + ``completion``, or the authors' ``messages`` =
+[user, assistant]); ``build_pair_dataset`` reads pairs (``problem`` + ``chosen`` + ``rejected`` as strings,
+or the authors' DPO rows whose ``chosen``/``rejected`` are [user, assistant] message lists), plus optional
+``chosen_ref_logp``/``rejected_ref_logp`` columns. Input: an HF dataset saved with ``save_to_disk``
+(a ``DatasetDict`` uses its ``train`` split) or a JSONL file.
+
+Token ids live in one flat int32 array, memory-mapped from the cache, with ``offsets`` marking the
+segments of each sample: SFT = (prompt, completion), pair = (prompt, chosen, rejected). The cache key
+hashes the input files (path, size, mtime), the tokenizer (its full serialized form), the template
+and the format version, so any change rebuilds. Build on one rank first in multi-rank jobs.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec
+from .templates import TemplateConfig, check_tokenizer, encode_completions, encode_prompts
+
+FORMAT_VERSION = 1
+KIND_SFT, KIND_PAIR = "sft", "pair"
+_SEGMENTS = {KIND_SFT: 2, KIND_PAIR: 3}
+REF_COLUMNS = ("chosen_ref_logp", "rejected_ref_logp")
+ROWS_PER_TASK = 1000
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("REDI_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "redi_megatron", "tokenized"))
+
+
+class TokenizedDataset:
+    """Samples of prompt/completion token ids. ``kind`` is ``"sft"`` or ``"pair"``."""
+
+    def __init__(self, kind: str, tokens: np.ndarray, offsets: np.ndarray, ref_logps: Optional[np.ndarray],
+                 source: str, cache_path: Optional[str] = None) -> None:
+        k = _SEGMENTS[kind]
+        assert (offsets.shape[0] - 1) % k == 0, "offsets do not split into whole samples"
+        self.kind, self.tokens, self.offsets, self.ref_logps = kind, tokens, offsets, ref_logps
+        self.source, self.cache_path = source, cache_path
+        self._k = k
+        seg = np.diff(offsets).reshape(-1, k)
+        self._prompt_len = seg[:, 0]
+        self._completion_len = seg[:, 1:]
+
+    def __len__(self) -> int:
+        return int(self._prompt_len.shape[0])
+
+    @property
+    def has_ref_logps(self) -> bool:
+        return self.ref_logps is not None
+
+    @property
+    def num_sequences_per_sample(self) -> int:
+        return self._k - 1
+
+    def seq_lengths(self) -> np.ndarray:
+        """Total length (prompt + completion) of each sequence, int64 ``[n, 1]`` (SFT) or ``[n, 2]`` (pair)."""
+        return self._prompt_len[:, None] + self._completion_len
+
+    def loss_token_counts(self) -> np.ndarray:
+        """Completion length of each sequence, int64 ``[n, 1]`` or ``[n, 2]``."""
+        return self._completion_len.copy()
+
+    def _segment(self, i: int, j: int) -> np.ndarray:
+        s = i * self._k + j
+        return np.asarray(self.tokens[self.offsets[s]:self.offsets[s + 1]], dtype=np.int64)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        out: Dict[str, Any] = {"sample_id": i, "prompt_ids": self._segment(i, 0)}
+        if self.kind == KIND_SFT:
+            out["completion_ids"] = self._segment(i, 1)
+        else:
+            out["chosen_ids"], out["rejected_ids"] = self._segment(i, 1), self._segment(i, 2)
+            if self.ref_logps is not None:
+                out["chosen_ref_logp"], out["rejected_ref_logp"] = map(float, self.ref_logps[i])
+        return out
+
+    def sequences(self, i: int) -> List[SequenceSpec]:
+        """The sequences of sample ``i`` (SFT: one; pair: chosen then rejected)."""
+        prompt = self._segment(i, 0)
+        P = int(prompt.shape[0])
+        if self.kind == KIND_SFT:
+            return [SequenceSpec(np.concatenate([prompt, self._segment(i, 1)]), P, ROLE_SFT, i)]
+        refs = (None, None) if self.ref_logps is None else tuple(float(x) for x in self.ref_logps[i])
+        return [
+            SequenceSpec(np.concatenate([prompt, self._segment(i, 1)]), P, ROLE_CHOSEN, i, refs[0]),
+            SequenceSpec(np.concatenate([prompt, self._segment(i, 2)]), P, ROLE_REJECTED, i, refs[1]),
+        ]
+
+
+# ----------------------------------------------------------------------------------------- reading
+def _is_hf_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(
+        os.path.exists(os.path.join(path, f)) for f in ("state.json", "dataset_dict.json")
+    )
+
+
+def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """(row index, row) of an HF dataset on disk or a JSONL file."""
+    if _is_hf_dir(path):
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" not in ds and len(ds) != 1:
+                raise ValueError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
+            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+        i = 0
+        for batch in ds.iter(batch_size=ROWS_PER_TASK):
+            keys = list(batch)
+            for j in range(len(batch[keys[0]])):
+                yield i, {k: batch[k][j] for k in keys}
+                i += 1
+        return
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: neither an HF dataset directory (save_to_disk) nor a JSONL file")
+    with open(path, "rb") as f:
+        i = 0
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}: line {line_no} is not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: line {line_no} is not a JSON object")
+            yield i, row
+            i += 1
+
+
+def _message_pair(value: Any, where: str, col: str) -> Tuple[str, str]:
+    """(user content, assistant content) of a [user, assistant] message list."""
+    if (isinstance(value, list) and len(value) == 2 and all(isinstance(m, dict) for m in value)
+            and value[0].get("role") == "user" and value[1].get("role") == "assistant"):
+        return value[0].get("content"), value[1].get("content")
+    raise ValueError(f"{where}: {col} must be a string or a [user, assistant] message list")
+
+
+def _text(value: Any, where: str, col: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{where}: {col} is missing, empty or not a string")
+    return value
+
+
+def _extract(kind: str, row: Dict[str, Any], where: str) -> Tuple[List[str], Optional[Tuple[float, float]]]:
+    """[problem, completion(s)...] and the optional reference log-probs of one row."""
+    if kind == KIND_SFT:
+        if "completion" in row or "problem" in row:
+            return [_text(row.get("problem"), where, "problem"), _text(row.get("completion"), where, "completion")], None
+        user, reply = _message_pair(row.get("messages"), where, "messages")
+        return [_text(user, where, "messages[0].content"), _text(reply, where, "messages[1].content")], None
+    texts = []
+    for col in ("chosen", "rejected"):
+        v = row.get(col)
+        if isinstance(v, list):
+            user, v = _message_pair(v, where, col)
+            problem = row.get("problem") if isinstance(row.get("problem"), str) else user
+            if user != problem:
+                raise ValueError(f"{where}: {col} user turn differs from the problem")
+        texts.append(_text(v, where, col))
+    problem = row.get("problem", row.get("prompt"))
+    if problem is None and isinstance(row.get("chosen"), list):
+        problem = row["chosen"][0].get("content")
+    texts.insert(0, _text(problem, where, "problem"))
+    present = [c for c in REF_COLUMNS if row.get(c) is not None]
+    if not present:
+        return texts, None
+    refs = []
+    for c in REF_COLUMNS:
+        v = row.get(c)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
+            raise ValueError(f"{where}: {c} must be a finite number when reference log-probs are given, got {v!r}")
+        refs.append(float(v))
+    return texts, (refs[0], refs[1])
+
+
+# ------------------------------------------------------------------------------------ tokenization
+_WORKER: Dict[str, Any] = {}
+
+
+def _init_worker(tokenizer: Any, template: TemplateConfig) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER.update(tokenizer=tokenizer, template=template)
+
+
+def _tokenize_task(task: Tuple[str, List[List[str]]]) -> List[List[np.ndarray]]:
+    """Token id arrays of each row's segments (prompt, completion(s)...)."""
+    kind, rows = task
+    tok, cfg = _WORKER["tokenizer"], _WORKER["template"]
+    prompts = encode_prompts(tok, [r[0] for r in rows], cfg)
+    comps = encode_completions(tok, [c for r in rows for c in r[1:]], cfg)
+    k = _SEGMENTS[kind] - 1
+    return [[np.asarray(prompts[i], dtype=np.int32)] + [np.asarray(c, dtype=np.int32) for c in comps[i * k:(i + 1) * k]]
+            for i in range(len(rows))]
+
+
+def _tasks(kind: str, path: str, refs: List[Optional[Tuple[float, float]]]) -> Iterator[Tuple[str, List[List[str]]]]:
+    chunk: List[List[str]] = []
+    for i, row in _iter_rows(path):
+        texts, ref = _extract(kind, row, f"{path} row {i}")
+        refs.append(ref)
+        chunk.append(texts)
+        if len(chunk) == ROWS_PER_TASK:
+            yield kind, chunk
+            chunk = []
+    if chunk:
+        yield kind, chunk
+
+
+def _tokenized_chunks(kind, path, tokenizer, template, num_proc, refs):
+    tasks = _tasks(kind, path, refs)
+    if num_proc <= 1:
+        _init_worker(tokenizer, template)
+        yield from map(_tokenize_task, tasks)
+        return
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, template)) as pool:
+        yield from pool.imap(_tokenize_task, tasks)
+
+
+def _write(kind: str, path: str, out_dir: str, tokenizer: Any, template: TemplateConfig, num_proc: int,
+           progress: bool) -> None:
+    from tqdm import tqdm
+
+    refs: List[Optional[Tuple[float, float]]] = []
+    offsets = [0]
+    with open(os.path.join(out_dir, "tokens.bin"), "wb") as f:
+        bar = tqdm(desc=f"tokenize {kind}", unit="row", disable=not progress, mininterval=2.0)
+        for chunk in _tokenized_chunks(kind, path, tokenizer, template, num_proc, refs):
+            for segs in chunk:
+                for s in segs:
+                    s.tofile(f)
+                    offsets.append(offsets[-1] + int(s.shape[0]))
+            bar.update(len(chunk))
+        bar.close()
+    if not refs:
+        raise ValueError(f"{path}: no rows")
+    have = [r is not None for r in refs]
+    if any(have) and not all(have):
+        raise ValueError(f"{path}: row {have.index(False)} lacks {REF_COLUMNS} that other rows have")
+    np.save(os.path.join(out_dir, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
+    if all(have):
+        np.save(os.path.join(out_dir, "ref_logps.npy"), np.asarray(refs, dtype=np.float64))
+
+
+def _fingerprint_input(path: str) -> List[Any]:
+    path = os.path.abspath(path)
+    files = [path] if os.path.isfile(path) else sorted(
+        os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if not n.startswith(".")
+    )
+    return [[os.path.relpath(f, path) if f != path else f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """sha256 of the tokenizer's serialized vocabulary, merges, added tokens and special-token map."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _cache_key(kind: str, path: str, tokenizer: Any, template: TemplateConfig) -> str:
+    blob = json.dumps({
+        "version": FORMAT_VERSION, "kind": kind, "input": _fingerprint_input(path),
+        "tokenizer": tokenizer_fingerprint(tokenizer), "template": asdict(template),
+    }, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _load(kind: str, d: str, source: str, in_memory: bool) -> TokenizedDataset:
+    offsets = np.load(os.path.join(d, "offsets.npy"))
+    tpath = os.path.join(d, "tokens.bin")
+    if offsets[-1] == 0:
+        tokens = np.zeros(0, dtype=np.int32)
+    elif in_memory:
+        tokens = np.fromfile(tpath, dtype=np.int32)
+    else:
+        tokens = np.memmap(tpath, dtype=np.int32, mode="r")
+    assert tokens.shape[0] == offsets[-1], f"{d}: tokens.bin does not match offsets.npy"
+    rpath = os.path.join(d, "ref_logps.npy")
+    refs = np.load(rpath) if os.path.exists(rpath) else None
+    return TokenizedDataset(kind, tokens, offsets, refs, source, None if in_memory else d)
+
+
+def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConfig],
+           cache_dir: Union[str, bool, None], num_proc: int, progress: bool) -> TokenizedDataset:
+    template = template or TemplateConfig()
+    check_tokenizer(tokenizer, template)
+    if not os.path.exists(path):
+        raise ValueError(f"dataset path {path!r} does not exist")
+    if cache_dir is False:
+        with tempfile.TemporaryDirectory() as tmp:
+            _write(kind, path, tmp, tokenizer, template, num_proc, progress)
+            return _load(kind, tmp, path, in_memory=True)
+    root = default_cache_dir() if cache_dir in (None, True) else str(cache_dir)
+    final = os.path.join(root, f"{kind}-{_cache_key(kind, path, tokenizer, template)}")
+    if not os.path.exists(os.path.join(final, "meta.json")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
+        try:
+            _write(kind, path, tmp, tokenizer, template, num_proc, progress)
+            with open(os.path.join(tmp, "meta.json"), "w") as f:
+                json.dump({"kind": kind, "source": os.path.abspath(path), "version": FORMAT_VERSION}, f)
+            try:
+                os.rename(tmp, final)
+            except OSError:  # another process finished the same entry first
+                pass
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _load(kind, final, path, in_memory=False)
+
+
+def build_sft_dataset(path: str, tokenizer: Any, template: Optional[TemplateConfig] = None,
+                      cache_dir: Union[str, bool, None] = None, num_proc: int = 1,
+                      progress: bool = True) -> TokenizedDataset:
+    """Tokenize curated positives for the SFT stage.
+
+    ``cache_dir``: None = ``$REDI_DATA_CACHE`` or ``~/.cache/redi_megatron/tokenized``; False = no cache
+    (arrays held in memory). ``num_proc > 1`` tokenizes in that many spawned processes.
+    ValueError (naming the file and row) on a missing or empty field.
+    """
+    return _build(KIND_SFT, path, tokenizer, template, cache_dir, num_proc, progress)
+
+
+def build_pair_dataset(path: str, tokenizer: Any, template: Optional[TemplateConfig] = None,
+                       cache_dir: Union[str, bool, None] = None, num_proc: int = 1,
+                       progress: bool = True) -> TokenizedDataset:
+    """Tokenize curated pairs for the REDI stage (chosen and rejected share the prompt).
+
+    Optional ``chosen_ref_logp``/``rejected_ref_logp`` columns (DPO reference summed log-probs) are
+    kept as ``ref_logps`` ``[n, 2]``; they must be present and finite in every row or in none.
+    """
+    return _build(KIND_PAIR, path, tokenizer, template, cache_dir, num_proc, progress)
