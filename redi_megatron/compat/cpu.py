@@ -44,7 +44,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 # Megatron warns at import time, once per module, that TE/apex are missing; on CPU that is expected.
-warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+for _message in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                 "full scope is deprecated"):
+    warnings.filterwarnings("ignore", message=_message)
 
 _MEGATRON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(
     __import__("importlib.util").util.find_spec("megatron.core").origin)))

@@ -105,7 +105,9 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel, batch_p2p_comm=batch_p2p,
-        variable_seq_lengths=True,           # packed microbatches differ in length
+        # Packed microbatches may differ in length; the shape exchange this needs deadlocks in the
+        # interleaved (VPP) schedule on gloo, so VPP runs use one row length per step instead.
+        variable_seq_lengths=parallel.vpp is None,
         moe_token_dispatcher_type="alltoall",  # dense model; "allgather" (default) rejects the line above
         calculate_per_token_loss=True,       # see redi_megatron.parallel.loss_scaling
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,

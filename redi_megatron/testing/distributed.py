@@ -11,10 +11,13 @@ on 2 cores. Nothing here touches ``torch.cuda``.
 """
 from __future__ import annotations
 
+import faulthandler
 import io
 import multiprocessing as mp
 import os
+import signal
 import socket
+import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -57,8 +60,11 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _child(rank: int, world_size: int, port: int, layout: Layout, fn: Callable, args, kwargs, conn):
+def _child(rank: int, world_size: int, port: int, layout: Layout, fn: Callable, args, kwargs, conn,
+           stack_file: str):
     try:
+        # On timeout the parent sends SIGUSR1: the rank writes where it is stuck.
+        faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=False)
         torch.set_num_threads(1)
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
@@ -93,16 +99,18 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
     ctx = mp.get_context("fork")
     port = _free_port()
     procs, conns = [], []
+    stack_dir = tempfile.mkdtemp(prefix="redi_ranks_")
     for rank in range(world_size):
         parent_conn, child_conn = ctx.Pipe(duplex=False)
         p = ctx.Process(target=_child, args=(rank, world_size, port, layout, fn, args, kwargs or {},
-                                             child_conn), daemon=True)
+                                             child_conn, os.path.join(stack_dir, f"rank{rank}.txt")),
+                        daemon=True)
         p.start()
         child_conn.close()
         procs.append(p)
         conns.append(parent_conn)
     try:
-        return _collect(procs, conns, timeout)
+        return _collect(procs, conns, timeout, stack_dir)
     finally:
         for p in procs:
             if p.is_alive():
@@ -110,7 +118,21 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
             p.join(timeout=5)
 
 
-def _collect(procs, conns, timeout: float) -> list[Any]:
+def _stacks(procs, pending: set[int], stack_dir: str) -> str:
+    """Ask the stuck ranks for their Python stacks (faulthandler) and return them."""
+    for r in pending:
+        if procs[r].is_alive():
+            os.kill(procs[r].pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    dumps = []
+    for r in sorted(pending):
+        path = os.path.join(stack_dir, f"rank{r}.txt")
+        text = open(path).read() if os.path.exists(path) else "(no stack)"
+        dumps.append(f"--- rank {r} stack ---\n{text.strip()}")
+    return "\n".join(dumps)
+
+
+def _collect(procs, conns, timeout: float, stack_dir: str) -> list[Any]:
     deadline = time.monotonic() + timeout
     results: list[Any] = [None] * len(procs)
     pending = set(range(len(procs)))
@@ -119,7 +141,7 @@ def _collect(procs, conns, timeout: float) -> list[Any]:
         left = deadline - time.monotonic()
         if left <= 0:
             raise RankFailed(f"ranks {sorted(pending)} did not finish within {timeout:.0f} s "
-                             f"(hung collective?)" + ("\n" + "\n".join(errors) if errors else ""))
+                             f"(hung collective?)\n" + _stacks(procs, pending, stack_dir))
         ready = mp.connection.wait([conns[r] for r in pending], timeout=min(left, 1.0))
         for conn in ready:
             rank = conns.index(conn)

@@ -1,0 +1,90 @@
+"""The run configuration schema. Dataclasses are the schema; YAML files and ``key=value`` overrides only
+fill them (``redi_megatron.config.loader``). Every default lives here and only here."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from redi_megatron.models.config import ModelConfig, ParallelConfig
+
+
+@dataclass
+class DataConfig:
+    train_path: str = ""                 # curated dataset from redi-curate (HF datasets dir or JSONL)
+    tokenizer: str = ""                  # HF tokenizer directory; "" = the one inside checkpoint.init_from
+    global_batch_size: int = 128         # samples per optimizer step: sequences (SFT) or pairs
+    micro_batch_tokens: int = 32768      # token budget of one packed row
+    micro_batch_rows: int = 1            # rows per microbatch
+    max_prompt_tokens: int = 800
+    max_completion_tokens: int = 19000
+    seed: int = 42                       # data order (shuffling, packing)
+    num_proc: int = 1                    # tokenization worker processes
+
+
+@dataclass
+class LossConfig:
+    name: str = "sft"                    # a name in redi_megatron.losses.registry
+    params: dict[str, Any] = field(default_factory=dict)  # checked against that loss's own dataclass
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_ratio: float = 0.1
+    decay: str = "linear"                # linear | cosine | constant
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0
+    max_steps: Optional[int] = None      # stop earlier than the epochs would
+    seed: int = 1234                     # model init, dropout
+    dtype: str = "bf16"                  # bf16 | fp32
+    fp8: Optional[str] = None            # None | delayed | current (needs Transformer Engine)
+    recompute: Optional[str] = None      # None | selective | full
+
+
+@dataclass
+class CheckpointConfig:
+    init_from: Optional[str] = None      # model checkpoint (redi-hf-to-megatron output or a stage-1 run)
+    save_dir: str = "runs/default"
+    save_interval: int = 0               # steps; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True                  # continue from the newest checkpoint in save_dir if any
+
+
+@dataclass
+class CollapseConfig:
+    action: str = "warn"                 # off | warn | stop
+    window: int = 20                     # steps of history the signals compare against
+    logp_drop: float = 0.5               # nats/token drop of BOTH chosen and rejected mean log-probs
+    update_norm_spike: float = 5.0       # grad norm above this multiple of its running median
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    tensorboard: bool = True
+    wandb_project: Optional[str] = None
+    jsonl: bool = True
+    collapse: CollapseConfig = field(default_factory=CollapseConfig)
+
+
+@dataclass
+class RunConfig:
+    name: str = "redi"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
