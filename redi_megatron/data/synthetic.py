@@ -132,7 +132,10 @@ def _bad_row(rng: random.Random, k: int, kind: str) -> Dict[str, Any]:
 
 
 def raw_rows(seed: int = 0) -> Tuple[List[Dict[str, Any]], List[str]]:
-    """(rows, category of each row) in the current OpenR1-Math-Raw schema, in a seeded random order."""
+    """(rows, category of each row) in the current OpenR1-Math-Raw schema, in a seeded random order.
+
+    Bad rows have the category ``"bad:<kind>"`` with a kind from ``BAD_KINDS``.
+    """
     rng = random.Random(seed)
     cats = [c for c, n in RAW_LAYOUT.items() for _ in range(n)]
     rng.shuffle(cats)
@@ -140,15 +143,20 @@ def raw_rows(seed: int = 0) -> Tuple[List[Dict[str, Any]], List[str]]:
     rng.shuffle(bad)
     rows = []
     for k, cat in enumerate(cats):
-        rows.append(_bad_row(rng, k, bad.pop()) if cat == "bad" else _row(rng, k, cat))
+        if cat == "bad":
+            cats[k] = f"bad:{bad.pop()}"
+            rows.append(_bad_row(rng, k, cats[k][4:]))
+        else:
+            rows.append(_row(rng, k, cat))
     return rows, cats
 
 
 def raw_v1_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
     """Earlier OpenR1-Math-Raw schema: ``correctness_math_verify`` + ``correct_count``."""
     rows = []
-    for r in raw_rows(seed)[0][: n * 2]:
-        if not isinstance(r.get("correctness"), dict) or "math_verify_reparsed_answer" not in r["correctness"]:
+    rows_, cats = raw_rows(seed)
+    for r, cat in zip(rows_, cats):
+        if cat.startswith("bad") or cat == "control_token" or cat.startswith("long"):
             continue
         mv = r.pop("correctness")["math_verify_answer"]
         r.pop("reparsed_answers")
@@ -185,3 +193,30 @@ def write_jsonl(rows: List[Dict[str, Any]], path: str) -> str:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
+
+
+def tiny_tokenizer(vocab_size: int = 400, corpus: Optional[List[str]] = None) -> Any:
+    """A small byte-level BPE ``PreTrainedTokenizerFast`` with the Qwen chat special tokens.
+
+    Trained in well under a second on synthetic math text (or ``corpus``); works with every function
+    in :mod:`redi_megatron.data.templates` and with tiny demo models (vocab of ``vocab_size`` ids).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+    if corpus is None:
+        rows, _ = raw_rows(0)
+        corpus = [r["problem"] for r in rows if isinstance(r.get("problem"), str)]
+        corpus += [g for r in rows if isinstance(r.get("generations"), list) for g in r["generations"]]
+        corpus += [QWEN_SYSTEM_FOR_CORPUS, "system user assistant"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+QWEN_SYSTEM_FOR_CORPUS = "Please reason step by step, and put your final answer within \\boxed{}."
