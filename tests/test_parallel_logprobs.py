@@ -1,0 +1,176 @@
+"""Vocab-parallel log-probs and the full loss_func (per-sequence reductions) against unsharded references.
+
+Single device: ``vocab_parallel_logprobs`` against ``log_softmax`` + gather (fp32, bf16, layouts, chunking,
+in-place backward, bad input) and ``make_loss_func`` against the plain references of
+tests/test_losses_support.py. Multi-rank (forked gloo ranks): TP4, and TP2 x CP2 x DP2, every loss, packed
+and padded rows, fp32 and bf16 logits; each rank's logits are an exact slice of the reference logits, so
+values must agree to 1e-5 and gradients to 1e-5 (fp32) or one bf16 rounding step.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from redi_megatron.losses import get_loss
+from redi_megatron.parallel.context import cp_local_positions, split_for_cp
+from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
+from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
+from redi_megatron.parallel.reductions import seq_ids_from_cu_seqlens, sequence_sums
+from redi_megatron.parallel.state import ParallelGroups
+from redi_megatron.testing.distributed import run_distributed
+from test_losses_support import VOCAB, close, isclose, make_logits, make_microbatch, ref_global
+
+BF16, FP32 = torch.bfloat16, torch.float32
+CASES = [  # (loss, hyper-parameters, logits dtype, layout)
+    ("sft", {}, FP32, "packed"),
+    ("sft", {}, BF16, "padded"),
+    ("redi", {"alpha": 0.8, "neg_weighting_gamma": 0.5}, FP32, "packed"),
+    ("redi", {}, BF16, "padded"),
+    ("dpo", {"beta": 0.1}, FP32, "padded"),
+    ("simpo", {}, BF16, "packed"),
+]
+MB_PER_DP = 2
+
+
+def _reference(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(x.float(), -1).gather(-1, t.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 4096])
+def test_logprobs_match_log_softmax(dtype, inplace, chunk):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(5, 3, 97, generator=g) * 4).to(dtype)      # Megatron's [S, B, V] layout
+    t = torch.randint(0, 97, (5, 3), generator=g)
+    w = torch.randn(5, 3, generator=g)
+    ref_leaf = x.clone().requires_grad_()
+    ref = _reference(ref_leaf, t)
+    (ref * w).sum().backward()
+    leaf = x.clone().requires_grad_()
+    out = vocab_parallel_logprobs(leaf * 1, t, chunk_size=chunk, inplace_backward=inplace)
+    (out * w).sum().backward()
+    assert out.dtype == FP32 and out.shape == (5, 3)
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert leaf.grad.dtype == dtype
+    assert close(leaf.grad, ref_leaf.grad, dtype)
+
+
+def test_logprobs_non_contiguous_input_and_no_grad():
+    x = torch.randn(4, 6, 33)
+    t = torch.randint(0, 33, (6, 4))
+    xt = x.transpose(0, 1).requires_grad_(False)
+    with torch.no_grad():
+        out = vocab_parallel_logprobs(xt, t, chunk_size=5)
+    assert torch.allclose(out, _reference(xt, t), atol=1e-6)
+
+
+def test_logprobs_bad_input_is_a_clear_error():
+    x = torch.randn(2, 3, 10)
+    with pytest.raises(ValueError, match="outside the vocabulary \\[0, 10\\)"):
+        vocab_parallel_logprobs(x, torch.tensor([[0, 1, 10], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        vocab_parallel_logprobs(x, torch.tensor([[0, -1, 1], [0, 0, 0]]))
+    with pytest.raises(ValueError, match="leading shape"):
+        vocab_parallel_logprobs(x, torch.zeros(3, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer token ids"):
+        vocab_parallel_logprobs(x, torch.zeros(2, 3))
+
+
+def test_sequence_sums_padded_and_packed():
+    vals = torch.arange(12, dtype=torch.float32).reshape(2, 6).requires_grad_()
+    seq_ids = torch.tensor([[0, 0, 1, 1, 1, -1], [2, 2, 2, 2, -1, -1]])
+    sums = sequence_sums(vals, seq_ids, 3)
+    assert sums.tolist() == [1.0, 9.0, 6 + 7 + 8 + 9]
+    sums.sum().backward()
+    assert vals.grad.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0]]
+    ids = seq_ids_from_cu_seqlens(torch.tensor([0, 2, 5]), 7)
+    assert ids.tolist() == [0, 0, 1, 1, 1, -1, -1]
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        seq_ids_from_cu_seqlens(torch.tensor([0, 4, 2]), 7)
+
+
+def _coords(g: ParallelGroups) -> tuple[int, int, int, int, int, int]:
+    return (g.rank(g.tp), g.size(g.tp), g.rank(g.cp), g.size(g.cp), g.rank(g.dp), g.size(g.dp))
+
+
+def _shard(full: torch.Tensor, coords) -> torch.Tensor:
+    """This rank's part of ``[B, S, ...]`` reference data: its vocabulary slice and its CP positions."""
+    tp_r, tp_n, cp_r, cp_n = coords[:4]
+    if full.dim() == 3:
+        v = full.shape[-1] // tp_n
+        full = full[..., tp_r * v:(tp_r + 1) * v]
+    return full.index_select(1, cp_local_positions(full.shape[1], cp_r, cp_n))
+
+
+def _global_batch(case_idx: int, dp_size: int):
+    name, _, dtype, layout = CASES[case_idx]
+    kind = "sft" if name == "sft" else "pairs"
+    seeds = [1000 * case_idx + i for i in range(MB_PER_DP * dp_size)]
+    mbs = [make_microbatch(s, kind, layout, with_ref=(name == "dpo")) for s in seeds]
+    return mbs, [make_logits(s, mb, dtype) for s, mb in zip(seeds, mbs)]
+
+
+def _run_cases(g: ParallelGroups) -> dict:
+    """One rank's forward/backward of every case; returns its logits gradients and logged metrics."""
+    coords = _coords(g)
+    dp_r, dp_n = coords[4], coords[5]
+    results = []
+    for i, (name, hp, _, _) in enumerate(CASES):
+        spec = get_loss(name)
+        mbs, logits = _global_batch(i, dp_n)
+        mine = range(dp_r * MB_PER_DP, (dp_r + 1) * MB_PER_DP)
+        leaves, total, norm, metrics = [], 0.0, torch.zeros((), dtype=torch.int32), []
+        for j in mine:
+            leaf = _shard(logits[j], coords).clone().requires_grad_()
+            loss_func = make_loss_func(spec, spec.make_hparams(hp), mbs[j], g, chunk_size=5)
+            loss_sum, n, m = loss_func(leaf * 1)   # a non-leaf, as Megatron's logits are
+            leaves.append(leaf)
+            total, norm = total + loss_sum, norm + n
+            metrics.append(m)
+        # What Megatron does with calculate_per_token_loss (pinned in tests/test_loss_scaling.py).
+        if g.size(g.dp_cp) > 1:
+            dist.all_reduce(norm, group=g.dp_cp)
+        (total / norm).backward()
+        results.append({"grads": [x.grad for x in leaves], "metrics": reduce_step_metrics(metrics, g)})
+    return {"coords": coords, "cases": results}
+
+
+def _check(rank_results: list[dict]) -> None:
+    for res in rank_results:
+        coords = res["coords"]
+        dp_r, dp_n = coords[4], coords[5]
+        for i, (name, hp, dtype, _) in enumerate(CASES):
+            spec = get_loss(name)
+            mbs, logits = _global_batch(i, dp_n)
+            ref = ref_global(name, spec.make_hparams(hp), logits, mbs)
+            got = res["cases"][i]
+            where = f"case {CASES[i]}, rank coords (tp, TP, cp, CP, dp, DP) = {coords}"
+            assert isclose(got["metrics"]["loss"], ref["loss"]), where
+            for key in ("accuracy", "margin"):
+                if key in ref["metrics"]:
+                    assert isclose(got["metrics"][key], ref["metrics"][key]), (where, key)
+            for k, j in enumerate(range(dp_r * MB_PER_DP, (dp_r + 1) * MB_PER_DP)):
+                assert got["grads"][k].dtype == dtype
+                assert close(got["grads"][k], _shard(ref["grads"][j], coords), dtype), where
+
+
+def test_loss_func_single_rank_matches_reference():
+    _check([_run_cases(ParallelGroups(None, None, None, None, None))])
+
+
+def test_loss_func_tp4_matches_reference():
+    _check(run_distributed(lambda: _run_cases(_groups()), world_size=4, tp=4))
+
+
+def test_loss_func_tp2_cp2_dp2_matches_reference():
+    results = run_distributed(lambda: _run_cases(_groups()), world_size=8, tp=2, cp=2)
+    assert sorted(r["coords"][::2] for r in results) == sorted(
+        (t, c, d) for t in range(2) for c in range(2) for d in range(2))
+    _check(results)
+
+
+def _groups() -> ParallelGroups:
+    from redi_megatron.parallel.state import groups
+    return groups()
