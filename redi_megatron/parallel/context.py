@@ -55,16 +55,39 @@ def global_order_from_cp_chunks(gathered: torch.Tensor, cp_size: int, seq_dim: i
     return torch.cat(ordered, dim=seq_dim)  # type: ignore[arg-type]
 
 
+class _AllGatherDim0(torch.autograd.Function):
+    """All-gather along dim 0 in rank order; backward reduce-scatters (sums) the gradient.
+
+    ``torch.distributed.nn.functional.all_gather`` is not used: on non-NCCL backends its backward
+    confuses global and group ranks and fails for any group that is not the whole world.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        size = dist.get_world_size(group)
+        out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
+                          device=tensor.device)
+        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        size = dist.get_world_size(ctx.group)
+        out = torch.empty((grad.shape[0] // size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
+        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
 def all_gather_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], seq_dim: int = 0
                   ) -> torch.Tensor:
     """All-gather this CP rank's part along ``seq_dim`` and return it in global sequence order.
 
-    Differentiable: the backward gives each rank the sum, over all ranks, of the gradient that flowed
-    into its own slice (``torch.distributed.nn.functional.all_gather``). ``[S//CP, ...] -> [S, ...]``.
+    Differentiable: each rank's gradient is the sum, over all ranks, of the gradient that flowed into
+    its own slice. ``[S//CP, ...] -> [S, ...]``.
     """
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
-
-    parts = all_gather(tensor.contiguous(), group=cp_group)
-    return global_order_from_cp_chunks(torch.cat(parts, dim=seq_dim), len(parts), seq_dim)
+    moved = tensor.movedim(seq_dim, 0)
+    gathered = _AllGatherDim0.apply(moved, cp_group)
+    return global_order_from_cp_chunks(gathered, dist.get_world_size(cp_group), 0).movedim(0, seq_dim)

@@ -62,8 +62,8 @@ def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = No
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp, context_parallel_size=cp,
-        # The default backend is already gloo on CPU; extra gloo groups would only cost start-up time.
-        create_gloo_process_groups=on_gpu,
+        # The distributed optimizer looks its gloo groups up (checkpointing), also on CPU.
+        create_gloo_process_groups=True,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
     return groups()
