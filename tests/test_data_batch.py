@@ -95,11 +95,11 @@ def test_thd_views():
     assert moved is not mb and torch.equal(moved.tokens, mb.tokens) and moved.ref_logps is None
 
 
-@pytest.mark.parametrize("kind,rows,static", [("pair", 1, False), ("pair", 2, True), ("sft", 1, False)])
-def test_step_plan_invariants(kind, rows, static):
+@pytest.mark.parametrize("kind,rows,shape", [("pair", 1, "trim"), ("pair", 2, "static"), ("sft", 1, "step")])
+def test_step_plan_invariants(kind, rows, shape):
     ds = FakeDataset(kind, 103, seed=3)
     cfg = PackingConfig(global_batch_size=16, micro_batch_tokens=160, rows_per_microbatch=rows,
-                        pad_to_multiple_of=4, static_shape=static, seed=7)
+                        pad_to_multiple_of=4, row_shape=shape, seed=7)
     dp = 3
     samplers = [PackedStepSampler(ds, cfg, dp_rank=r, dp_size=dp, pad_id=PAD) for r in range(dp)]
     assert samplers[0].steps_per_epoch == math.ceil(103 / 16)
@@ -108,13 +108,15 @@ def test_step_plan_invariants(kind, rows, static):
         batches = [s.build(s.plan(0, step)) for s in samplers]
         counts = {len(b.microbatches) for b in batches}
         assert len(counts) == 1  # equalized across DP ranks
+        if shape != "trim":  # one shape for the whole step
+            assert len({mb.tokens.shape for b in batches for mb in b.microbatches}) == 1
         step_samples, loss_tokens, pairs = [], 0, 0
         for b in batches:
             assert b.global_num_loss_tokens == batches[0].global_num_loss_tokens
             for mb in b.microbatches:
                 _reference_check(mb, ds)
                 S = mb.tokens.shape[1]
-                assert S % 4 == 0 and S <= 160 and mb.tokens.shape[0] == rows and (not static or S == 160)
+                assert S % 4 == 0 and S <= 160 and mb.tokens.shape[0] == rows and (shape != "static" or S == 160)
                 starts = (mb.position_ids == 0) & (mb.seq_ids >= 0)
                 assert (torch.nonzero(starts)[:, 1] % 4 == 0).all()  # every sequence starts aligned
                 if kind == "pair":  # chosen and rejected of each pair side by side in this microbatch

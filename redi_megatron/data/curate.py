@@ -18,13 +18,13 @@ import json
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .curate_report import Report, write_outputs
-from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, ChunkResult, WorkerSpec, init_worker, process_chunk
+from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, WorkerSpec, init_worker, process_chunk
 from .openr1 import SCHEMAS, RowRules, detect_schema, resolve_rule
 from .readers import file_columns, list_input_files, plan_chunks
 from .templates import QWEN_MATH_SYSTEM_PROMPT, TemplateConfig, check_tokenizer, load_tokenizer

@@ -4,28 +4,32 @@ For step ``s`` of epoch ``e`` every rank computes the same plan locally, with no
 
 1. the epoch order is ``np.random.default_rng([seed, e]).permutation(n)``; step ``s`` takes the next
    ``global_batch_size`` samples (SFT sequences or pairs);
-2. first-fit-decreasing packs those samples into microbatches of ``rows_per_microbatch`` rows x
-   ``micro_batch_tokens`` tokens; a pair's chosen and rejected always land in the same microbatch;
-   every sequence occupies a multiple of ``pad_to_multiple_of`` tokens;
-3. microbatches go to DP ranks largest first, each to the least-loaded rank (in tokens) that still has
-   room (at most ``ceil(M / dp_size)`` each); with ``equalize_microbatches`` ranks with fewer get empty
-   (all-padding) microbatches so every rank runs the same number;
+2. the samples are spread over the DP ranks largest first, each to the rank with the fewest tokens so
+   far (balanced compute: ranks wait for the slowest at the gradient all-reduce);
+3. on each rank, first-fit-decreasing packs its samples into microbatches of ``rows_per_microbatch``
+   rows x ``micro_batch_tokens`` tokens; a pair's chosen and rejected always land in the same
+   microbatch; every sequence occupies a multiple of ``pad_to_multiple_of`` tokens; with
+   ``equalize_microbatches`` ranks with fewer microbatches get empty (all-padding) ones so every rank
+   runs the same number;
 4. the global normalizers (loss tokens, pairs, sequences) are summed over the whole step.
 
-Rows are trimmed to their content rounded up to ``pad_to_multiple_of`` unless ``static_shape`` pads
-every row to ``micro_batch_tokens`` (fixed shapes, e.g. pipeline parallelism without
-``variable_seq_lengths``). The position (epoch, step) is the checkpointable state.
+Row length ``S`` (``row_shape``): ``"trim"`` = each microbatch's longest row rounded up to
+``pad_to_multiple_of`` (THD / variable_seq_lengths); ``"step"`` = one ``S`` for every microbatch of the
+step on every rank (the longest row of the step; Megatron's pipeline schedules take ``seq_length`` per
+call, so shapes stay fixed within a step); ``"static"`` = always ``micro_batch_tokens``. The position
+(epoch, step) is the checkpointable state.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Protocol, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Protocol, Tuple
 
 import numpy as np
 
-from .batch import Microbatch, SequenceSpec, StepBatch, build_microbatch, padded_length
+from .batch import Microbatch, SequenceSpec, StepBatch, build_microbatch
 
 STATE_VERSION = 1
+ROW_SHAPES = ("trim", "step", "static")
 
 
 class PackableDataset(Protocol):
@@ -48,7 +52,7 @@ class PackingConfig:
     micro_batch_tokens: int  # token budget of one row
     rows_per_microbatch: int = 1  # B; 1 = THD layout
     pad_to_multiple_of: int = 1
-    static_shape: bool = False
+    row_shape: str = "trim"  # trim | step | static
     equalize_microbatches: bool = True
     drop_last: bool = False  # drop the last, smaller step of an epoch
     shuffle: bool = True
@@ -58,6 +62,8 @@ class PackingConfig:
         for name in ("global_batch_size", "micro_batch_tokens", "rows_per_microbatch", "pad_to_multiple_of"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.row_shape not in ROW_SHAPES:
+            raise ValueError(f"PackingConfig.row_shape {self.row_shape!r} not in {ROW_SHAPES}")
         if self.micro_batch_tokens % self.pad_to_multiple_of:
             raise ValueError(f"PackingConfig.micro_batch_tokens ({self.micro_batch_tokens}) must be a multiple "
                              f"of pad_to_multiple_of ({self.pad_to_multiple_of})")
@@ -168,14 +174,14 @@ class PackedStepSampler:
                 raise AssertionError(f"sample {i} did not fit an empty microbatch")
         return bins
 
-    def _distribute(self, bins: List[_Bin]) -> List[List[_Bin]]:
-        cap = -(-len(bins) // self.dp_size)
-        ranks: List[List[_Bin]] = [[] for _ in range(self.dp_size)]
+    def _balance(self, samples: np.ndarray) -> List[List[int]]:
+        """Samples per DP rank: largest first, each to the rank with the fewest padded tokens so far."""
+        ranks: List[List[int]] = [[] for _ in range(self.dp_size)]
         load = [0] * self.dp_size
-        for b in sorted(bins, key=lambda b: (-b.tokens, min(s for row in b.rows for s in row))):
-            r = min((r for r in range(self.dp_size) if len(ranks[r]) < cap), key=lambda r: (load[r], r))
-            ranks[r].append(b)
-            load[r] += b.tokens
+        for i in sorted(samples.tolist(), key=lambda i: (-int(self._padded[i].sum()), i)):
+            r = min(range(self.dp_size), key=lambda r: (load[r], r))
+            ranks[r].append(i)
+            load[r] += int(self._padded[i].sum())
         return ranks
 
     def plan(self, epoch: int, step: int) -> StepPlan:
@@ -184,7 +190,7 @@ class PackedStepSampler:
             raise ValueError(f"step {step} out of range [0, {self.steps_per_epoch})")
         g = self.cfg.global_batch_size
         samples = self._epoch_order(epoch)[step * g:(step + 1) * g]
-        ranks = self._distribute(self._pack(samples))
+        ranks = [self._pack(np.asarray(r, dtype=np.int64)) for r in self._balance(samples)]
         return StepPlan(
             epoch=epoch, step=step, sample_ids=samples.copy(),
             ranks=[[b.rows for b in rank] for rank in ranks],
@@ -195,7 +201,19 @@ class PackedStepSampler:
         )
 
     # ------------------------------------------------------------- materializing
-    def _microbatch(self, rows: List[List[Slot]]) -> Microbatch:
+    def _row_tokens(self, row: List[Slot]) -> int:
+        return sum(int(self._padded[i, j]) for i, j in row)
+
+    def row_length(self, plan: StepPlan, rows: List[List[Slot]]) -> int:
+        """``S`` of one microbatch of ``plan`` under ``row_shape``."""
+        m, shape = self.cfg.pad_to_multiple_of, self.cfg.row_shape
+        if shape == "static":
+            return self.cfg.micro_batch_tokens
+        if shape == "step":
+            rows = [row for rank in plan.ranks for mb in rank for row in mb]
+        return max([self._row_tokens(row) for row in rows] + [m])
+
+    def _microbatch(self, rows: List[List[Slot]], row_len: int) -> Microbatch:
         cache: Dict[int, List[SequenceSpec]] = {}
         specs = []
         for row in rows:
@@ -204,12 +222,8 @@ class PackedStepSampler:
                 if i not in cache:
                     cache[i] = self.dataset.sequences(i)
                 specs[-1].append(cache[i][j])
-        m = self.cfg.pad_to_multiple_of
-        if self.cfg.static_shape:
-            row_len = self.cfg.micro_batch_tokens
-        else:
-            row_len = max([sum(padded_length(s.length, m) for s in r) for r in specs] + [m])
-        return build_microbatch(specs, row_len, self.pad_id, m, with_ref_logps=self.dataset.has_ref_logps)
+        return build_microbatch(specs, row_len, self.pad_id, self.cfg.pad_to_multiple_of,
+                                with_ref_logps=self.dataset.has_ref_logps)
 
     def build(self, plan: StepPlan) -> StepBatch:
         """This rank's StepBatch for ``plan``."""
@@ -219,7 +233,7 @@ class PackedStepSampler:
             empty = [[] for _ in range(self.cfg.rows_per_microbatch)]
             mine = mine + [empty] * (target - len(mine))
         return StepBatch(
-            microbatches=[self._microbatch(rows) for rows in mine],
+            microbatches=[self._microbatch(rows, self.row_length(plan, rows)) for rows in mine],
             global_num_loss_tokens=plan.num_loss_tokens,
             global_num_pairs=plan.num_pairs,
             global_num_sequences=plan.num_sequences,
@@ -262,19 +276,22 @@ class PackedStepSampler:
 
     # ----------------------------------------------------------------- metrics
     def efficiency(self, plan: StepPlan) -> Dict[str, float]:
-        """Real tokens / allocated tokens over all ranks of ``plan`` (trimmed or static rows)."""
-        m, B = self.cfg.pad_to_multiple_of, self.cfg.rows_per_microbatch
-        allocated = 0
+        """Token accounting of ``plan`` over all DP ranks.
+
+        efficiency = real tokens / allocated tokens (all microbatches, padding included);
+        balance = real tokens / (dp_size x the busiest rank's allocated tokens): the share of the step's
+        compute slots doing useful work when ranks wait for the slowest at the gradient all-reduce.
+        """
+        B = self.cfg.rows_per_microbatch
         target = max(len(r) for r in plan.ranks)
+        per_rank = []
         for rank in plan.ranks:
-            for rows in rank:
-                if self.cfg.static_shape:
-                    allocated += B * self.cfg.micro_batch_tokens
-                else:
-                    allocated += B * max([sum(int(self._padded[i, j]) for i, j in row) for row in rows] + [m])
+            mbs = list(rank)
             if self.cfg.equalize_microbatches:
-                pad_rows = self.cfg.micro_batch_tokens if self.cfg.static_shape else m
-                allocated += (target - len(rank)) * B * pad_rows
+                mbs += [[[] for _ in range(B)]] * (target - len(rank))
+            per_rank.append(sum(B * self.row_length(plan, rows) for rows in mbs))
+        allocated = sum(per_rank)
         return {"real_tokens": plan.num_real_tokens, "allocated_tokens": allocated,
                 "efficiency": plan.num_real_tokens / allocated,
+                "balance": plan.num_real_tokens / (self.dp_size * max(per_rank)),
                 "microbatches_per_rank": target}

@@ -19,7 +19,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
