@@ -18,6 +18,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Optional, Sequence
@@ -101,6 +102,8 @@ def grade(response: str, gold: Gold, grader: str = "rllm", **kwargs) -> bool:
 # ----------------------------------------------------------------------------------------------
 def _worker_main(conn: Connection) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and kills us
+    # sympy's deprecation chatter on odd model answers would flood the parent's stderr.
+    warnings.simplefilter("ignore", DeprecationWarning)
     while True:
         try:
             task = conn.recv()

@@ -219,6 +219,7 @@ def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
 def _run_shard(cfg: EvalConfig, backend: Any = None) -> None:
     problems = load_benchmarks(cfg.benchmarks, cfg.limit)
     main = SampleStore(os.path.join(cfg.out, SAMPLES_FILE))
+    os.makedirs(os.path.join(cfg.out, SHARD_DIR), exist_ok=True)
     shard_store = SampleStore(os.path.join(cfg.out, SHARD_DIR, f"rank{cfg.shard_index}.jsonl"))
     requests = missing_requests(problems, [main, shard_store], cfg, _prompt_tokenizer(cfg))
     if requests:
