@@ -1,0 +1,49 @@
+"""Process set-up shared by the checkpoint CLIs."""
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+
+def force_cpu() -> None:
+    """Conversion is host-memory work: hide GPUs before anything initialises CUDA (gloo, CPU spec)."""
+    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+
+@contextmanager
+def parallel_context(tp: int = 1, pp: int = 1) -> Iterator[None]:
+    """Megatron parallel state for a CLI run.
+
+    Reuses one that is already initialised (a caller's, or a test's ranks); otherwise initialises a
+    single process, or the ``torchrun`` world when ``WORLD_SIZE == tp * pp``, and tears it down after.
+    """
+    from megatron.core import parallel_state as ps
+
+    from redi_megatron.parallel.state import destroy_parallel, init_parallel
+
+    if ps.model_parallel_is_initialized():
+        yield
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        init_parallel(1, 1)
+    elif world == tp * pp:
+        init_parallel(tp, pp)
+    else:
+        raise ValueError(f"launched with WORLD_SIZE={world}; run as one process, or with "
+                         f"tp*pp = {tp * pp} processes")
+    try:
+        yield
+    finally:
+        destroy_parallel()
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run a CLI body; user errors (``ValueError``) become one line on stderr and exit status 2."""
+    try:
+        return body()
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2

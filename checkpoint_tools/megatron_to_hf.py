@@ -1,0 +1,114 @@
+"""redi-megatron-to-hf: a redi-megatron model checkpoint (any TP/PP layout) -> a Hugging Face directory.
+
+    redi-megatron-to-hf --megatron ckpt/step_1000 --out hf/step_1000 --dtype bf16
+
+Writes config.json (readable by transformers 4.x/vLLM and 5.x), generation_config.json, safetensors
+(sharded past ``--max-shard-size``, with the usual index) and the tokenizer files the checkpoint
+carries. Vocabulary padding is stripped. Runs as one process: the checkpoint reshards on load.
+
+Memory: the Megatron model (one copy of the weights) plus at most one safetensors shard of converted
+tensors.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
+from checkpoint_tools.hf_io import ShardedSafetensorsWriter, hf_config_for_export, parse_size
+from checkpoint_tools.mappings import family_for_config, full_state_dict_to_hf
+from redi_megatron.models.checkpoint import (TOKENIZER_SUBDIR, check_output_dir, dtype_from_name,
+                                             load_model_checkpoint, prepare_partial_dir, publish_dir,
+                                             read_meta, read_model_config)
+from redi_megatron.models.config import ModelConfig, ParallelConfig
+
+
+def _generation_config(source: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    if source.get("generation_config"):
+        return {k: v for k, v in source["generation_config"].items() if k != "transformers_version"}
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    return {"_from_model_config": True, **ids}
+
+
+def load_megatron_model(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None
+                        ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """The checkpoint as one TP1/PP1 GPTModel (current process must be a single rank)."""
+    from redi_megatron.models.builder import build_gpt_model
+
+    cfg = read_model_config(ckpt_dir)
+    meta = read_meta(ckpt_dir)
+    model = build_gpt_model(cfg, ParallelConfig(), dtype=dtype or dtype_from_name(meta["dtype"]))
+    load_model_checkpoint([model], ckpt_dir)
+    return model.eval(), cfg, meta
+
+
+@torch.no_grad()
+def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
+                          max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True
+                          ) -> Path:
+    """Write the HF directory for a checkpoint. Needs a single-rank Megatron parallel state."""
+    from tqdm import tqdm
+
+    ckpt = Path(megatron_dir)
+    cfg = read_model_config(ckpt)
+    family_for_config(cfg)  # fail early on a family with no table
+    out = check_output_dir(out_dir, overwrite)
+    max_bytes = parse_size(max_shard_size)
+    model, cfg, meta = load_megatron_model(ckpt)
+    out_dtype = dtype_from_name(dtype, "--dtype") if dtype else dtype_from_name(meta["dtype"])
+    source = meta.get("source") or {}
+    tmp = prepare_partial_dir(out)
+    try:
+        writer = ShardedSafetensorsWriter(tmp, max_bytes)
+        params = {name: p.detach() for name, p in model.named_parameters()}  # TP1/PP1: full names
+        total = sum(1 for _ in full_state_dict_to_hf(params, cfg))
+        for name, tensor in tqdm(full_state_dict_to_hf(params, cfg), total=total, desc="megatron->hf",
+                                 unit="tensor", disable=not progress):
+            writer.add(name, tensor.to(out_dtype))
+        writer.close()
+        config = hf_config_for_export(cfg, out_dtype, source.get("hf_config"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(source, config), indent=2) + "\n")
+        if (ckpt / TOKENIZER_SUBDIR).is_dir():
+            for f in sorted((ckpt / TOKENIZER_SUBDIR).iterdir()):
+                shutil.copy2(f, tmp / f.name)
+        publish_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="redi-megatron-to-hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--megatron", required=True, help="redi-megatron checkpoint directory")
+    p.add_argument("--out", required=True, help="HF directory to create")
+    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
+    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    force_cpu()
+
+    def body() -> int:
+        with parallel_context():
+            out = export_megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
+                                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                        progress=not args.no_progress)
+        print(f"wrote {out}")
+        return 0
+
+    return run_cli("redi-megatron-to-hf", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

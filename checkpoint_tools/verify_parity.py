@@ -1,0 +1,132 @@
+"""redi-verify-parity: run an HF model and a redi-megatron checkpoint on the same prompts and compare.
+
+    redi-verify-parity --hf Qwen2.5-Math-1.5B --megatron ckpt/base
+
+Prints, per prompt, the max absolute logit difference and the KL divergence KL(HF || Megatron) per
+token (mean and max), and exits 1 when either exceeds its tolerance (0 otherwise, 2 on bad input).
+Both models run in fp32 by default, each prompt alone (no padding, no attention mask: causal), with
+explicit position ids. The Megatron model is the TP1/PP1 model the checkpoint reshards into.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, tokenizer_files
+
+DEFAULT_PROMPTS = (
+    "Find the sum of all positive integers n such that n^2 - 19n + 99 is a perfect square.",
+    "Let x + 1/x = 3. Compute x^4 + 1/x^4. Please reason step by step, and put your final answer "
+    "within \\boxed{}.",
+    "The quick brown fox jumps over the lazy dog.",
+)
+
+
+@dataclass
+class PromptReport:
+    tokens: int
+    max_abs_diff: float
+    mean_kl: float
+    max_kl: float
+
+
+def compare_logits(hf_logits: torch.Tensor, mcore_logits: torch.Tensor) -> PromptReport:
+    """``[S, V]`` each (Megatron's already stripped of vocabulary padding)."""
+    hf, mc = hf_logits.double(), mcore_logits.double()
+    log_p, log_q = torch.log_softmax(hf, -1), torch.log_softmax(mc, -1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # per token
+    return PromptReport(tokens=hf.shape[0], max_abs_diff=(hf - mc).abs().max().item(),
+                        mean_kl=kl.mean().item(), max_kl=kl.max().item())
+
+
+def _prompt_ids(hf_dir: Path, ckpt: Path, prompts: Sequence[str], vocab_size: int) -> list[torch.Tensor]:
+    """Token ids of the prompts with the HF directory's tokenizer (or the checkpoint's); random ids
+    (seeded) when neither has one, e.g. for a randomly initialised test model."""
+    for d in (hf_dir, ckpt / TOKENIZER_SUBDIR):
+        if d.is_dir() and tokenizer_files(d):
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(str(d))
+            ids = [torch.tensor(tok(p)["input_ids"]) for p in prompts]
+            too_big = [int(t.max()) for t in ids if int(t.max()) >= vocab_size]
+            if too_big:
+                raise ValueError(f"tokenizer in {d} produces id {too_big[0]} >= vocab_size {vocab_size}")
+            return ids
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, vocab_size, (16 + 8 * i,), generator=g) for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence[str] = DEFAULT_PROMPTS,
+                  dtype: str = "fp32") -> list[PromptReport]:
+    """Per-prompt comparison. Needs a single-rank Megatron parallel state."""
+    from transformers import AutoModelForCausalLM
+
+    from checkpoint_tools.megatron_to_hf import load_megatron_model
+
+    hf_dir, ckpt = Path(hf_dir), Path(ckpt_dir)
+    torch_dtype = dtype_from_name(dtype, "--dtype")
+    mcore, cfg, _ = load_megatron_model(ckpt, dtype=torch_dtype)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype).eval()
+    if hf.config.vocab_size != cfg.vocab_size:
+        raise ValueError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
+                         f"{cfg.vocab_size}")
+    reports = []
+    for ids in _prompt_ids(hf_dir, ckpt, prompts, cfg.vocab_size):
+        ids = ids[None]
+        pos = torch.arange(ids.shape[1])[None]
+        hf_logits = hf(ids, position_ids=pos).logits[0]
+        mc_logits = mcore(ids, pos, None)[0, :, :cfg.vocab_size]
+        reports.append(compare_logits(hf_logits.float(), mc_logits.float()))
+    return reports
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="redi-verify-parity", description=__doc__.split("\n\n")[0])
+    p.add_argument("--hf", required=True, help="HF model directory")
+    p.add_argument("--megatron", required=True, help="redi-megatron checkpoint directory")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: built-in)")
+    p.add_argument("--dtype", default="fp32", help="compute dtype for both models (default fp32)")
+    p.add_argument("--max-abs-diff", type=float, default=1e-3, help="tolerance on |logit difference|")
+    p.add_argument("--max-kl", type=float, default=1e-5, help="tolerance on per-token KL(HF||Megatron)")
+    return p
+
+
+def _read_prompts(path: Optional[str]) -> Sequence[str]:
+    if path is None:
+        return DEFAULT_PROMPTS
+    lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
+    prompts = [line for line in lines if line]
+    if not prompts:
+        raise ValueError(f"{path} has no prompts (one per line)")
+    return prompts
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    force_cpu()
+
+    def body() -> int:
+        prompts = _read_prompts(args.prompts)
+        with parallel_context():
+            reports = verify_parity(args.hf, args.megatron, prompts=prompts, dtype=args.dtype)
+        print(f"{'prompt':>6} {'tokens':>6} {'max|dlogit|':>12} {'mean KL':>10} {'max KL':>10}")
+        for i, r in enumerate(reports):
+            print(f"{i:>6} {r.tokens:>6} {r.max_abs_diff:>12.3e} {r.mean_kl:>10.3e} {r.max_kl:>10.3e}")
+        worst_diff = max(r.max_abs_diff for r in reports)
+        worst_kl = max(r.max_kl for r in reports)
+        ok = worst_diff <= args.max_abs_diff and worst_kl <= args.max_kl
+        print(f"{'PASS' if ok else 'FAIL'}: max|dlogit| {worst_diff:.3e} (tol {args.max_abs_diff:g}), "
+              f"max KL {worst_kl:.3e} (tol {args.max_kl:g})")
+        return 0 if ok else 1
+
+    return run_cli("redi-verify-parity", body)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,353 @@
+"""The model checkpoint directory shared by the trainer and ``checkpoint_tools``.
+
+Layout of a checkpoint directory::
+
+    model_config.json   ModelConfig fields (rebuilds the model for any layout)
+    redi_meta.json      format version, dtype, the layout it was saved from, padded vocabulary, source
+    model/              Megatron dist_checkpointing of ``model.sharded_state_dict()``
+    tokenizer/          optional: HF tokenizer files, copied through so export can write them back
+    <name>/             optional: more dist_checkpointing trees (e.g. ``optimizer/``), see ``extra_sharded``
+
+``model/`` stores every tensor under its layout-independent key (layers stacked along a leading axis,
+TP shards as offsets of the full tensor, ``[gate; up]`` and the fused QKV in Megatron's global order),
+so it loads into any TP/PP/VPP layout, and into the Transformer Engine spec as well as the local spec
+(the local spec maps its norm keys to TE's ``layer_norm_weight`` names). Loading casts to the model's
+dtype. Writes are atomic: everything goes into ``.<name>.partial`` next to the target, which is
+renamed into place only once complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+import torch
+
+from redi_megatron.models.config import ModelConfig
+
+FORMAT_NAME = "redi-megatron-model"
+FORMAT_VERSION = 1
+MODEL_CONFIG_FILE = "model_config.json"
+META_FILE = "redi_meta.json"
+MODEL_SUBDIR = "model"
+TOKENIZER_SUBDIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
+                   "chat_template.jinja", "chat_template.json")
+_RESERVED = {MODEL_SUBDIR, TOKENIZER_SUBDIR, MODEL_CONFIG_FILE, META_FILE}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in _DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"unsupported checkpoint dtype {dtype}; use one of {sorted(_DTYPES)}")
+
+
+def dtype_from_name(name: str, where: str = "dtype") -> torch.dtype:
+    aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+    key = aliases.get(name, name)
+    if key not in _DTYPES:
+        raise ValueError(f"{where}: unknown dtype {name!r}; use one of {sorted(_DTYPES) + sorted(aliases)}")
+    return _DTYPES[key]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading the JSON side
+# ---------------------------------------------------------------------------------------------------
+
+def model_config_from_dict(data: Mapping[str, Any], where: str) -> ModelConfig:
+    """``ModelConfig`` from a JSON object; unknown fields are an error (``where`` names the file)."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{where}: expected a JSON object of ModelConfig fields")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown ModelConfig field(s) {unknown}")
+    return ModelConfig(**data)
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: not a redi-megatron model checkpoint directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
+    """The ``ModelConfig`` a checkpoint was saved with."""
+    path = Path(ckpt_dir) / MODEL_CONFIG_FILE
+    return model_config_from_dict(_read_json(path), str(path))
+
+
+def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
+    """``redi_meta.json`` of a checkpoint, after checking its format version."""
+    path = Path(ckpt_dir) / META_FILE
+    meta = _read_json(path)
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+                         f"(this redi-megatron reads version {FORMAT_VERSION})")
+    return meta
+
+
+def tokenizer_files(directory: str | Path) -> list[Path]:
+    """The HF tokenizer files present in ``directory`` (possibly none)."""
+    d = Path(directory)
+    return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Model chunks <-> dist_checkpointing
+# ---------------------------------------------------------------------------------------------------
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    return getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers keep the GPTModel here
+
+
+def _chunk_keys(n: int) -> list[str]:
+    # Megatron-LM's convention: "model" for one chunk, "model0", "model1", ... under virtual pipelining.
+    return ["model"] if n == 1 else [f"model{i}" for i in range(n)]
+
+
+def model_sharded_state_dict(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """The sharded state dict of this rank's chunks, as saved under ``model/``.
+
+    The trainer passes it to ``optimizer.sharded_state_dict(...)`` to save optimizer state that refers
+    to the same keys.
+    """
+    return {key: _unwrap(c).sharded_state_dict() for key, c in zip(_chunk_keys(len(chunks)), chunks)}
+
+
+def saved_layout(chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
+    """TP/PP/VPP/CP sizes and dtype of the chunks (read from their TransformerConfig)."""
+    cfg = _unwrap(chunks[0]).config
+    return {"tp": cfg.tensor_model_parallel_size, "pp": cfg.pipeline_model_parallel_size,
+            "vpp": cfg.virtual_pipeline_model_parallel_size, "cp": cfg.context_parallel_size,
+            "dtype": dtype_name(cfg.params_dtype)}
+
+
+def _check_model_matches(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, where: str) -> None:
+    """Shape-defining fields of the checkpoint's config against the model being loaded into."""
+    module = _unwrap(chunks[0])
+    tc = module.config
+    pairs = {
+        "num_layers": tc.num_layers, "hidden_size": tc.hidden_size, "ffn_hidden_size": tc.ffn_hidden_size,
+        "num_attention_heads": tc.num_attention_heads, "num_query_groups": tc.num_query_groups,
+        "head_dim": tc.kv_channels, "add_qkv_bias": tc.add_qkv_bias,
+        "tie_word_embeddings": module.share_embeddings_and_output_weights,
+    }
+    for name, model_value in pairs.items():
+        if getattr(cfg, name) != model_value:
+            raise ValueError(f"{where}: checkpoint has {name}={getattr(cfg, name)!r} but the model being "
+                             f"loaded has {model_value!r}")
+    padded = cfg.padded_vocab_size(tc.tensor_model_parallel_size)
+    if padded != module.vocab_size:
+        raise ValueError(f"{where}: checkpoint vocabulary pads to {padded} rows at TP="
+                         f"{tc.tensor_model_parallel_size} but the model has {module.vocab_size}")
+
+
+def _check_shapes(sharded: Mapping[str, Any], model_dir: Path) -> None:
+    """Every plain sharded tensor requested must exist in the checkpoint with the same global shape."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    stored = dist_checkpointing.load_tensors_metadata(str(model_dir))
+    for chunk_sd in sharded.values():
+        for value in chunk_sd.values():
+            if not isinstance(value, ShardedTensor):
+                continue  # factories (gated fc1) and objects are checked by dist_checkpointing itself
+            if value.key not in stored:
+                raise ValueError(f"{model_dir}: checkpoint has no tensor {value.key!r}")
+            if tuple(stored[value.key].global_shape) != tuple(value.global_shape):
+                raise ValueError(f"{model_dir}: tensor {value.key!r} has shape "
+                                 f"{tuple(stored[value.key].global_shape)} in the checkpoint but "
+                                 f"{tuple(value.global_shape)} in the model")
+
+
+def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> dict[str, Any]:
+    """Load ``ckpt_dir/model`` into this rank's chunks (any layout, any dtype). Collective.
+
+    Returns the checkpoint's ``redi_meta.json``. Raises ``ValueError`` when the checkpoint does not fit
+    the model (architecture, vocabulary padding, missing or misshaped tensors).
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    ckpt = Path(ckpt_dir)
+    meta = read_meta(ckpt)
+    _check_model_matches(chunks, read_model_config(ckpt), str(ckpt / MODEL_CONFIG_FILE))
+    sharded = model_sharded_state_dict(chunks)
+    _check_shapes(sharded, ckpt / MODEL_SUBDIR)
+    loaded = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR),
+                                     strict=StrictHandling.RAISE_UNEXPECTED)
+    for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    return meta
+
+
+def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict) -> dict:
+    """Load the extra tree ``ckpt_dir/<name>`` saved through ``extra_sharded`` (e.g. optimizer state)."""
+    from megatron.core import dist_checkpointing
+
+    path = Path(ckpt_dir) / name
+    if not (path / "metadata.json").is_file():
+        raise ValueError(f"{path} is not a dist_checkpointing directory (no metadata.json)")
+    return dist_checkpointing.load(sharded_state_dict, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Saving
+# ---------------------------------------------------------------------------------------------------
+
+def partial_dir(out_dir: str | Path) -> Path:
+    """Where a checkpoint is assembled before being renamed to ``out_dir``."""
+    out = Path(out_dir)
+    return out.parent / f".{out.name}.partial"
+
+
+def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ValueError(f"output directory {out} already exists; remove it or pass overwrite=True "
+                         f"(--overwrite)")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"output path {out} exists and is not a directory")
+    return out
+
+
+def prepare_partial_dir(out_dir: str | Path) -> Path:
+    """Create an empty ``.<name>.partial`` next to ``out_dir`` (a stale one from a crash is removed)."""
+    tmp = partial_dir(out_dir)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def publish_dir(tmp: Path, out_dir: str | Path) -> None:
+    """Rename the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced only afterwards."""
+    out = Path(out_dir)
+    if out.exists():
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)
+
+
+def _is_coordinator() -> bool:
+    """Global rank 0 (the rank that dist_checkpointing also uses for metadata): rank 0 in every group."""
+    from redi_megatron.parallel.state import ParallelGroups, groups
+
+    g = groups()
+    return all(ParallelGroups.rank(group) == 0 for group in (g.tp, g.pp, g.cp, g.dp))
+
+
+def _wait_published(tmp: Path, out: Path, timeout_s: float = 600.0) -> None:
+    """Non-coordinator ranks: wait until the coordinator has renamed ``tmp`` into place.
+
+    A file-system wait rather than a barrier: the directory is on storage every rank shares anyway
+    (dist_checkpointing requires it), and the rename takes microseconds after the save's own barrier.
+    """
+    deadline = time.monotonic() + timeout_s
+    while tmp.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rank 0 did not publish {out} within {timeout_s:.0f} s")
+        time.sleep(0.01)
+    if not (out / META_FILE).is_file():
+        raise RuntimeError(f"saving {out} failed on rank 0 (see its error)")
+
+
+def _meta(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig,
+          extra_meta: Optional[Mapping[str, Any]], extra_names: Sequence[str]) -> dict[str, Any]:
+    import megatron.core
+
+    layout = saved_layout(chunks)
+    meta: dict[str, Any] = {
+        "format": FORMAT_NAME, "format_version": FORMAT_VERSION, "dtype": layout.pop("dtype"),
+        "saved_layout": layout, "padded_vocab_size": model_cfg.padded_vocab_size(layout["tp"]),
+        "megatron_core_version": getattr(megatron.core, "__version__", "unknown"),
+        "created_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "extra_sharded": list(extra_names),
+    }
+    for key, value in (extra_meta or {}).items():
+        if key in meta:
+            raise ValueError(f"extra_meta may not set the reserved field {key!r}")
+        meta[key] = value
+    return meta
+
+
+def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig, out_dir: str | Path,
+                          tokenizer_dir: Optional[str | Path] = None,
+                          extra_meta: Optional[Mapping[str, Any]] = None, *, overwrite: bool = False,
+                          extra_sharded: Optional[Mapping[str, dict]] = None) -> Path:
+    """Save this rank's chunks as a model checkpoint directory. Collective over all ranks.
+
+    Args:
+        chunks: this rank's model chunks (GPTModel or DDP-wrapped), one per virtual stage.
+        model_cfg: the architecture, written to ``model_config.json``.
+        out_dir: the checkpoint directory; refused if it exists unless ``overwrite``.
+        tokenizer_dir: a directory with HF tokenizer files to copy into ``tokenizer/``.
+        extra_meta: JSON-serialisable fields merged into ``redi_meta.json`` (e.g. step, source).
+        extra_sharded: more sharded state dicts saved under ``out_dir/<name>/`` in the same atomic
+            write, e.g. ``{"optimizer": optimizer.sharded_state_dict(model_sharded_state_dict(chunks))}``.
+
+    Requires ``torch.distributed`` and Megatron's parallel state (``init_parallel``), also at world
+    size 1. Returns ``out_dir``.
+    """
+    from megatron.core import dist_checkpointing
+
+    out = check_output_dir(out_dir, overwrite)
+    extra = dict(extra_sharded or {})
+    for name in extra:
+        if name in _RESERVED or not name.isidentifier():
+            raise ValueError(f"extra_sharded name {name!r} is reserved or not a plain identifier")
+    tok_files = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    if tokenizer_dir is not None and not tok_files:
+        raise ValueError(f"tokenizer_dir {tokenizer_dir} has none of the tokenizer files {TOKENIZER_FILES}")
+    meta = _meta(chunks, model_cfg, extra_meta, list(extra))
+    json.dumps(meta)  # fail before writing anything if extra_meta is not JSON-serialisable
+    coordinator = _is_coordinator()
+    tmp = partial_dir(out)
+    if coordinator:
+        # dist_checkpointing.save requires the directory to exist on rank 0; the other ranks only
+        # write into it after the save's first collective, which rank 0 joins after this.
+        prepare_partial_dir(out)
+        for name in [MODEL_SUBDIR, *extra]:
+            (tmp / name).mkdir()
+    try:
+        dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_SUBDIR))
+        for name, sharded in extra.items():
+            dist_checkpointing.save(sharded, str(tmp / name))
+        if coordinator:
+            (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+            if tok_files:
+                (tmp / TOKENIZER_SUBDIR).mkdir()
+                for f in tok_files:
+                    shutil.copy2(f, tmp / TOKENIZER_SUBDIR / f.name)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks complete
+            publish_dir(tmp, out)
+    except BaseException:
+        if coordinator:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not coordinator:
+        _wait_published(tmp, out)
+    return out
+
+
+def iter_checkpoint_files(ckpt_dir: str | Path) -> Iterator[Path]:
+    """All files of a checkpoint directory (for size reports)."""
+    yield from (p for p in sorted(Path(ckpt_dir).rglob("*")) if p.is_file())

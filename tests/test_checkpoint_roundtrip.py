@@ -1,0 +1,252 @@
+"""HF <-> Megatron checkpoint conversion against transformers' own models (tiny, random, fp32).
+
+HF -> Megatron is run at TP1, TP2, PP2 and TP2xPP2 (each rank converting its own shard), the saved
+checkpoint is loaded back at that layout, and Megatron's logits must equal transformers' forward.
+Megatron -> HF runs as one process from a TP2xPP2 checkpoint (so it reshards) and must give back the
+original tensors bit for bit, a directory ``AutoModelForCausalLM`` loads and that greedy-decodes the
+same tokens. A model trained a few steps in Megatron, exported, gives Megatron's logits in transformers.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from redi_megatron.testing.distributed import run_distributed
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 300          # pads to 384: padding rows are exercised
+SEQ = 12
+TOL = 1e-4
+
+
+def _randomize(model: torch.nn.Module, seed: int) -> None:
+    """Random values everywhere (HF initialises norms to 1 and biases to 0, which would hide mistakes)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            base = 1.0 if "norm" in name else 0.0
+            p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+
+
+def _make_hf(family: str, path: Path) -> Path:
+    if family == "qwen2":
+        cfg = transformers.Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=256, rope_theta=10000.0,
+                                       tie_word_embeddings=True)
+        model = transformers.Qwen2ForCausalLM(cfg)
+    else:  # head_dim 32 != hidden/heads = 16: exercises kv_channels; untied output layer
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=32, max_position_embeddings=256, rope_theta=50000.0,
+                                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
+    _randomize(model, seed=len(family))
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {f: _make_hf(f, root / f) for f in ("qwen2", "llama")}
+
+
+@pytest.fixture(scope="module")
+def tokens() -> torch.Tensor:
+    return torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(3))
+
+
+def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+        return model(tokens, position_ids=pos).logits
+
+
+# --------------------------------------------------------------------------- code run on the ranks
+
+def _allow_checkpoint_writes() -> None:
+    """run_distributed's ranks are daemonic; dist_checkpointing's writer forks helper processes."""
+    import multiprocessing as mp
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    mp.current_process().daemon = False
+    # A plain queue instead of the spawned Manager: the rank exits with os._exit, which would orphan it.
+    filesystem_async._results_queue = queue.Queue()
+
+
+def _forward(chunks, tokens: torch.Tensor):
+    """Logits [B, S, V_padded] on the last pipeline stage (None elsewhere), gathered over TP."""
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    collected = []
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        logits = model(batch, torch.arange(batch.shape[1]).expand_as(batch), None)
+
+        def loss_func(output):
+            collected.append(tensor_parallel.gather_from_tensor_model_parallel_region(output).detach())
+            return output.sum() * 0, torch.tensor(1), {}
+
+        return logits, loss_func
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([tokens]),
+                                    model=chunks[0], num_microbatches=1, seq_length=tokens.shape[1],
+                                    micro_batch_size=tokens.shape[0], forward_only=True)
+    return collected[0] if collected else None
+
+
+def _convert_and_forward(hf_dir: str, out_dir: str, tp: int, pp: int, tokens: torch.Tensor):
+    _allow_checkpoint_writes()
+    from checkpoint_tools.hf_to_megatron import main
+    from redi_megatron.models.builder import build_model_chunks
+    from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config
+    from redi_megatron.models.config import ParallelConfig
+
+    assert main(["--hf", hf_dir, "--out", out_dir, "--tp", str(tp), "--pp", str(pp), "--no-progress"]) == 0
+    cfg = read_model_config(out_dir)
+    chunks = build_model_chunks(cfg, ParallelConfig(tp=tp, pp=pp))  # fresh random weights, then load
+    load_model_checkpoint(chunks, out_dir)
+    return _forward(chunks, tokens)
+
+
+def _export(ckpt: str, out: str, extra: list[str]) -> int:
+    from checkpoint_tools.megatron_to_hf import main
+
+    return main(["--megatron", ckpt, "--out", out, "--no-progress", *extra])
+
+
+def _train_and_save(ckpt: str, out: str, tokens: torch.Tensor, steps: int):
+    """A few Adam steps on next-token CE at TP2, then save; returns the trained model's logits."""
+    _allow_checkpoint_writes()
+    from megatron.core import tensor_parallel
+
+    from redi_megatron.models.builder import build_gpt_model
+    from redi_megatron.models.checkpoint import (load_model_checkpoint, read_model_config,
+                                                 save_model_checkpoint)
+    from redi_megatron.models.config import ParallelConfig
+
+    cfg = read_model_config(ckpt)
+    model = build_gpt_model(cfg, ParallelConfig(tp=2))
+    load_model_checkpoint([model], ckpt)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    pos = torch.arange(tokens.shape[1]).expand_as(tokens)
+    labels = torch.roll(tokens, -1, dims=1)
+    losses = []
+    for _ in range(steps):
+        logits = model(tokens, pos, None)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)[:, :-1].mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(tokens, pos, None))
+    save_model_checkpoint([model], cfg, out, tokenizer_dir=None, extra_meta={"step": steps})
+    return logits, losses
+
+
+# --------------------------------------------------------------------------- tests
+
+_LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "pp2": (1, 2), "tp2pp2": (2, 2)}
+_converted: dict[tuple[str, str], Path] = {}
+
+
+def _converted_ckpt(hf_models, tmp_path_factory, tokens, family: str, layout: str):
+    """Convert (once per module) and return (checkpoint dir, Megatron logits at that layout)."""
+    key = (family, layout)
+    if key not in _converted:
+        tp, pp = _LAYOUTS[layout]
+        out = tmp_path_factory.mktemp("mcore") / f"{family}_{layout}"
+        results = run_distributed(_convert_and_forward, tp * pp, tp=tp, pp=pp, timeout=240,
+                                  args=(str(hf_models[family]), str(out), tp, pp, tokens))
+        logits = [r for r in results if r is not None]
+        assert len(logits) == tp  # every TP rank of the last stage holds the gathered logits
+        _converted[key] = (out, logits[0])
+    return _converted[key]
+
+
+@pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2"), ("qwen2", "pp2"),
+                                           ("qwen2", "tp2pp2"), ("llama", "tp1"), ("llama", "tp2pp2")])
+def test_hf_to_megatron_logits_match_transformers(hf_models, tmp_path_factory, tokens, family, layout):
+    ckpt, logits = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, layout)
+    ref = _hf_logits(hf_models[family], tokens)
+    assert logits.shape == (*tokens.shape, 384)
+    torch.testing.assert_close(logits[..., :VOCAB], ref, rtol=0, atol=TOL)
+    assert torch.all(logits[..., VOCAB:] == 0)  # zero padding rows: logit 0, stripped on export
+    meta = json.loads((ckpt / "redi_meta.json").read_text())
+    assert meta["saved_layout"]["tp"] == _LAYOUTS[layout][0] and meta["saved_layout"]["pp"] == _LAYOUTS[layout][1]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_megatron_to_hf_bit_exact_and_generates_same(hf_models, tmp_path_factory, tokens, family):
+    from safetensors.torch import load_file
+
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, "tp2pp2")
+    out = tmp_path_factory.mktemp("export") / family
+    shard = ["--max-shard-size", "40KB"] if family == "llama" else []  # llama: several shards + index
+    assert run_distributed(_export, 1, args=(str(ckpt), str(out), shard))[0] == 0
+
+    def tensors(d: Path) -> dict[str, torch.Tensor]:
+        return {k: v for f in sorted(d.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+    original, exported = tensors(hf_models[family]), tensors(out)
+    assert exported.keys() == original.keys()
+    for name, t in original.items():
+        assert exported[name].dtype == t.dtype and torch.equal(exported[name], t), name
+    if family == "llama":
+        assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("*.safetensors"))) > 1
+
+    src = transformers.AutoModelForCausalLM.from_pretrained(hf_models[family], dtype=torch.float32).eval()
+    dst = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    for key in ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps"):
+        assert getattr(dst.config, key, None) == getattr(src.config, key, None), key
+    assert dst.config.rope_parameters["rope_theta"] == src.config.rope_parameters["rope_theta"]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        torch.testing.assert_close(dst.generate(tokens, **kwargs), src.generate(tokens, **kwargs), rtol=0, atol=0)
+
+
+def test_trained_model_exports_to_same_logits(hf_models, tmp_path_factory, tokens):
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp2pp2")
+    root = tmp_path_factory.mktemp("trained")
+    results = run_distributed(_train_and_save, 2, tp=2, args=(str(ckpt), str(root / "mcore"), tokens, 3))
+    logits, losses = results[0]
+    assert losses[-1] < losses[0]  # it did train
+    assert json.loads((root / "mcore" / "redi_meta.json").read_text())["step"] == 3
+    assert run_distributed(_export, 1, args=(str(root / "mcore"), str(root / "hf"), []))[0] == 0
+    exported = _hf_logits(root / "hf", tokens)
+    torch.testing.assert_close(exported, logits[..., :VOCAB], rtol=0, atol=TOL)
+    assert (exported - _hf_logits(hf_models["qwen2"], tokens)).abs().max() > 0.1  # weights did change
+
+
+def _verify(hf_dir: str, ckpt: str, extra: list[str]) -> int:
+    from checkpoint_tools.verify_parity import main
+
+    return main(["--hf", hf_dir, "--megatron", ckpt, *extra])
+
+
+def test_verify_parity_cli(hf_models, tmp_path_factory, tokens, capsys):
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp2")
+    assert run_distributed(_verify, 1, args=(str(hf_models["qwen2"]), str(ckpt), []))[0] == 0
+    # Same shapes, different weights: the check must fail.
+    other = tmp_path_factory.mktemp("other") / "qwen2"
+    _make_hf("qwen2", other)
+    _randomize_file(other)
+    assert run_distributed(_verify, 1, args=(str(other), str(ckpt), []))[0] == 1
+
+
+def _randomize_file(hf_dir: Path) -> None:
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    _randomize(model, seed=99)
+    model.save_pretrained(hf_dir)
