@@ -1,0 +1,107 @@
+"""Every shipped recipe loads and is consistent; the paper recipes carry the paper's numbers."""
+import glob
+import os
+
+import pytest
+
+from redi_megatron.config import load_config
+from redi_megatron.losses import get_loss
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+ALL = sorted(glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True))
+RECIPES = [p for p in ALL if os.path.dirname(p) == CONFIGS]  # runnable recipes (models/ are fragments)
+
+
+def load(name):
+    return load_config(os.path.join(CONFIGS, name))
+
+
+def test_recipes_present():
+    names = {os.path.basename(p) for p in RECIPES}
+    for n in ("qwen2.5-math-1.5b_sft.yaml", "qwen2.5-math-1.5b_redi.yaml", "qwen2.5-math-1.5b_dpo.yaml",
+              "qwen2.5-math-1.5b_simpo.yaml", "qwen2.5-math-7b_sft_4node.yaml", "tiny_cpu_sft.yaml",
+              "tiny_cpu_redi.yaml"):
+        assert n in names
+
+
+@pytest.mark.parametrize("path", ALL, ids=lambda p: os.path.relpath(p, CONFIGS))
+def test_every_yaml_loads_and_validates(path):
+    cfg = load_config(path)
+    p = cfg.parallel
+    p.validate(p.tp * p.pp * p.cp, cfg.model)      # TP divides heads/groups/FFN, PP divides layers
+    spec = get_loss(cfg.loss.name)
+    spec.make_hparams(cfg.loss.params)              # known loss, known and valid hyper-parameters
+    d = cfg.data
+    assert d.micro_batch_tokens % p.seq_multiple() == 0
+    longest = d.max_prompt_tokens + d.max_completion_tokens
+    assert longest <= d.micro_batch_tokens, "a sequence within the length limits must fit one row"
+    assert longest <= cfg.model.max_position_embeddings
+    if spec.normalizer == "pairs" or cfg.loss.name == "redi":
+        # the sampler keeps a pair's two sequences in one microbatch
+        assert 2 * longest <= d.micro_batch_tokens * d.micro_batch_rows
+    assert cfg.checkpoint.save_dir and cfg.name
+
+
+def qwen15_arch(m):
+    return (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+            m.vocab_size, m.add_qkv_bias, m.tie_word_embeddings)
+
+
+def test_paper_sft_recipe():
+    c = load("qwen2.5-math-1.5b_sft.yaml")
+    assert qwen15_arch(c.model) == (28, 1536, 8960, 12, 2, 151936, True, True)
+    # the REDI authors' long-context edit of the HF config
+    assert (c.model.rope_theta, c.model.max_position_embeddings) == (300000.0, 32768)
+    assert c.loss.name == "sft"
+    assert (c.optimizer.lr, c.train.epochs, c.data.global_batch_size, c.optimizer.warmup_ratio) == (5e-5, 5, 128, 0.1)
+    assert c.data.micro_batch_tokens == 32768 and c.optimizer.decay == "linear" and c.train.dtype == "bf16"
+    assert c.parallel.tp * c.parallel.pp * c.parallel.cp == 1  # 8 GPUs = DP 8 on one node
+
+
+def test_paper_redi_recipe():
+    c, sft = load("qwen2.5-math-1.5b_redi.yaml"), load("qwen2.5-math-1.5b_sft.yaml")
+    assert c.model == sft.model
+    assert c.loss.name == "redi" and c.loss.params["alpha"] == 0.8 and c.loss.params.get("chosen_coef", 1.0) == 1.0
+    assert (c.optimizer.lr, c.data.global_batch_size, c.train.epochs) == (1e-6, 32, 1)
+    assert (c.data.max_prompt_tokens, c.data.max_completion_tokens) == (800, 19000)
+    assert c.checkpoint.init_from == sft.checkpoint.save_dir  # stage 2 starts from stage 1
+
+
+@pytest.mark.parametrize("name, loss, params, lr", [
+    ("qwen2.5-math-1.5b_dpo.yaml", "dpo", {"beta": 0.001}, 2e-7),
+    ("qwen2.5-math-1.5b_simpo.yaml", "simpo", {"beta": 2.0, "gamma": 1.0}, 5e-7),
+])
+def test_paper_baselines(name, loss, params, lr):
+    c, redi = load(name), load("qwen2.5-math-1.5b_redi.yaml")
+    assert c.loss.name == loss and c.loss.params == params and c.optimizer.lr == lr
+    # same setup as REDI apart from the objective
+    assert c.data == redi.data and c.train == redi.train and c.model == redi.model
+    assert c.checkpoint.init_from == redi.checkpoint.init_from
+    assert c.checkpoint.save_dir != redi.checkpoint.save_dir
+
+
+def test_7b_multinode_recipe():
+    c = load("qwen2.5-math-7b_sft_4node.yaml")
+    m = c.model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads, m.num_query_groups,
+            m.vocab_size, m.tie_word_embeddings) == (28, 3584, 18944, 28, 4, 152064, False)
+    world = 4 * 8
+    c.parallel.validate(world, m)
+    assert c.parallel.tp * c.parallel.cp * c.parallel.pp == 8  # model parallelism inside one node
+    assert c.parallel.sequence_parallel
+    redi = load("qwen2.5-math-7b_redi_4node.yaml")
+    assert redi.checkpoint.init_from == c.checkpoint.save_dir and redi.loss.params["alpha"] == 0.8
+
+
+def test_tiny_cpu_recipes():
+    sft, redi = load("tiny_cpu_sft.yaml"), load("tiny_cpu_redi.yaml")
+    for c in (sft, redi):
+        assert c.train.dtype == "fp32" and c.train.fp8 is None and c.data.micro_batch_tokens == 512
+        m = c.model
+        layer = (m.hidden_size * m.head_dim * (m.num_attention_heads + 2 * m.num_query_groups)  # qkv
+                 + m.num_attention_heads * m.head_dim * m.hidden_size                           # proj
+                 + 3 * m.hidden_size * m.ffn_hidden_size)                                       # swiglu
+        params = m.padded_vocab_size() * m.hidden_size * (1 if m.tie_word_embeddings else 2) + m.num_layers * layer
+        assert params * 4 < 5e6, "a few-MB model"
+    assert redi.model == sft.model and redi.checkpoint.init_from == sft.checkpoint.save_dir
+    assert redi.loss.name == "redi" and sft.loss.name == "sft"
