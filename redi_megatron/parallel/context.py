@@ -21,6 +21,8 @@ def cp_chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
 def cp_local_positions(seq_len: int, cp_rank: int, cp_size: int,
                        device: torch.device | str = "cpu") -> torch.Tensor:
     """Global positions ``[seq_len // cp_size]`` held by ``cp_rank``, in local order."""
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
     if seq_len % (2 * cp_size):
         raise ValueError(f"sequence length {seq_len} must be a multiple of 2*CP = {2 * cp_size}")
     chunk = seq_len // (2 * cp_size)

@@ -1,0 +1,65 @@
+"""Small collectives the trainer needs for bookkeeping (never for gradients). None group = no-op."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+
+def sum_over(group: Optional[dist.ProcessGroup], *values: float) -> list[float]:
+    """Sum a few Python numbers over ``group`` (e.g. token counts over data-parallel ranks)."""
+    t = torch.tensor(values, dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def max_over(group: Optional[dist.ProcessGroup], value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+    return float(t.item())
+
+
+def gather_objects(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
+    """Every rank of ``group`` gets the list of all ranks' ``obj`` (picklable), in group-rank order."""
+    if group is None or dist.get_world_size(group) == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def broadcast_object(obj: Any, src_global_rank: int = 0) -> Any:
+    """``obj`` from ``src_global_rank`` on every rank of the world (no-op without torch.distributed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src_global_rank)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_global_rank_zero() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_objects_world(obj: Any) -> list[Any]:
+    """Every rank gets every rank's ``obj``, in global rank order."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    return gather_objects(obj, dist.group.WORLD)
+
+
+def world_size() -> int:
+    """The world size: torch.distributed's when initialised, else torchrun's ``WORLD_SIZE`` (or 1)."""
+    import os
+
+    if dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))

@@ -1,0 +1,110 @@
+"""Training checkpoints: model + optimizer (dist_checkpointing) + scheduler, sampler, config, RNG.
+
+``<save_dir>/checkpoints/step_0000100/`` is a model checkpoint directory (``redi_megatron.models.
+checkpoint``: loadable by ``redi-megatron-to-hf`` and as ``checkpoint.init_from`` of the next stage)
+with an ``optimizer/`` tree and the trainer state in ``redi_meta.json``. Writes are atomic (a partial
+directory renamed into place), so a run killed mid-save resumes from the previous checkpoint.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from redi_megatron.parallel.collectives import barrier, broadcast_object, is_global_rank_zero
+
+_STEP_DIR = re.compile(r"^step_(\d{7})$")
+
+
+def checkpoints_dir(save_dir: str) -> Path:
+    return Path(save_dir) / "checkpoints"
+
+
+def step_dir(save_dir: str, step: int) -> Path:
+    return checkpoints_dir(save_dir) / f"step_{step:07d}"
+
+
+def list_checkpoints(save_dir: str) -> list[tuple[int, Path]]:
+    """Complete checkpoints (their meta file exists) in step order."""
+    root = checkpoints_dir(save_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in root.iterdir():
+        m = _STEP_DIR.match(entry.name)
+        if m and (entry / "redi_meta.json").is_file():
+            found.append((int(m.group(1)), entry))
+    return sorted(found)
+
+
+def latest_checkpoint(save_dir: str) -> Optional[Path]:
+    found = list_checkpoints(save_dir)
+    return found[-1][1] if found else None
+
+
+def _optimizer_sharded(c, model_sd: dict, is_loading: bool) -> dict:
+    return c.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+
+
+def save_training_checkpoint(c, step: int, sampler_state: dict, resolved_cfg: dict) -> Path:
+    """Save everything needed to continue exactly after ``step`` optimizer steps. Collective."""
+    from redi_megatron.models.checkpoint import model_sharded_state_dict, save_model_checkpoint
+
+    out = step_dir(c.cfg.checkpoint.save_dir, step)
+    model_sd = model_sharded_state_dict(c.chunks)
+    meta = {"trainer": {"step": step, "sampler": sampler_state, "scheduler": c.scheduler.state_dict(),
+                        "cpu_rng_state": torch.get_rng_state().tolist()},
+            "run_config": resolved_cfg, "source": "redi-train"}
+    save_model_checkpoint(c.chunks, c.model_cfg, out, tokenizer_dir=c.tokenizer_dir, extra_meta=meta,
+                          extra_sharded={"optimizer": _optimizer_sharded(c, model_sd, False)})
+    if is_global_rank_zero():
+        import yaml
+
+        (out / "config.yaml").write_text(yaml.safe_dump(resolved_cfg, sort_keys=False))
+        _prune(c.cfg.checkpoint.save_dir, c.cfg.checkpoint.keep_last)
+    barrier()
+    return out
+
+
+def _prune(save_dir: str, keep_last: int) -> None:
+    if keep_last <= 0:
+        return
+    for _, path in list_checkpoints(save_dir)[:-keep_last]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
+    """Restore model, optimizer, scheduler and RNG from ``path``; returns the trainer state dict."""
+    from redi_megatron.models.checkpoint import (load_extra_sharded, load_model_checkpoint,
+                                                 model_sharded_state_dict)
+
+    meta = load_model_checkpoint(c.chunks, path)
+    if "trainer" not in meta:
+        raise ValueError(f"{path} is a model checkpoint without trainer state; use it as "
+                         f"checkpoint.init_from instead of resuming from it")
+    state = load_extra_sharded(path, "optimizer",
+                               _optimizer_sharded(c, model_sharded_state_dict(c.chunks), True))
+    c.optimizer.load_state_dict(state)
+    trainer = meta["trainer"]
+    c.scheduler.load_state_dict(trainer["scheduler"])
+    torch.set_rng_state(torch.tensor(trainer["cpu_rng_state"], dtype=torch.uint8))
+    return trainer
+
+
+def find_resume_point(save_dir: str, resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from (same answer on every rank), or None to start fresh."""
+    if not resume:
+        return None
+    path = latest_checkpoint(save_dir) if is_global_rank_zero() else None
+    path = broadcast_object(None if path is None else str(path))
+    return None if path is None else Path(path)
+
+
+def ensure_run_dir(save_dir: str) -> None:
+    if is_global_rank_zero():
+        os.makedirs(save_dir, exist_ok=True)
+    barrier()

@@ -1,0 +1,55 @@
+"""``redi-train --config FILE.yaml [key=value ...]``: one process, or one per GPU under torchrun."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional, Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="redi-train",
+        description="Train SFT / REDI / DPO / SimPO on Megatron-Core. Multi-process: "
+                    "torchrun --nproc_per_node N -m redi_megatron.training.cli --config ...")
+    p.add_argument("--config", required=True, help="YAML recipe (see examples/configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=1e-6")
+    p.add_argument("--no-resume", action="store_true",
+                   help="start fresh even if save_dir holds checkpoints (same as checkpoint.resume=false)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from redi_megatron.config.loader import load_config
+
+    try:
+        cfg = load_config(args.config, list(args.overrides))
+        if args.no_resume:
+            cfg.checkpoint.resume = False
+        from redi_megatron.training.trainer import train
+
+        summary = train(cfg)
+    except ValueError as err:  # user errors: one clear line, no traceback
+        print(f"redi-train: error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        _teardown()
+    if summary["stopped"]:
+        print(f"redi-train: stopped early: {summary['stopped']}", file=sys.stderr)
+        return 3
+    print(f"redi-train: done, {summary['last_step']}/{summary['total_steps']} steps; "
+          f"checkpoint {summary['last_checkpoint']}")
+    return 0
+
+
+def _teardown() -> None:
+    from redi_megatron.parallel.state import destroy_parallel
+
+    try:
+        destroy_parallel()
+    except Exception:  # noqa: BLE001 - nothing to tear down after an early config error
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())

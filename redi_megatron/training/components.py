@@ -1,0 +1,152 @@
+"""Build what a run needs from its config: groups, model chunks, optimizer, schedule, data."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+
+from redi_megatron.config.schema import RunConfig
+from redi_megatron.losses.registry import LossSpec, get_loss
+from redi_megatron.models.config import ModelConfig
+from redi_megatron.parallel.state import ParallelGroups
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Components:
+    cfg: RunConfig
+    groups: ParallelGroups
+    model_cfg: ModelConfig
+    loss_spec: LossSpec
+    loss_hparams: Any
+    chunks: list                       # DDP-wrapped model chunks (one per virtual stage)
+    optimizer: Any
+    scheduler: Any
+    dataset: Any
+    sampler: Any
+    tokenizer_dir: Optional[str]
+    total_steps: int
+    use_te: bool
+
+
+def resolve_model_config(cfg: RunConfig) -> ModelConfig:
+    """The architecture: from ``checkpoint.init_from`` when given (the checkpoint decides), else ``model``."""
+    if not cfg.checkpoint.init_from:
+        return cfg.model
+    from redi_megatron.models.checkpoint import read_model_config
+
+    if not os.path.isdir(cfg.checkpoint.init_from):
+        raise ValueError(f"checkpoint.init_from: {cfg.checkpoint.init_from!r} is not a directory")
+    return read_model_config(cfg.checkpoint.init_from)
+
+
+def resolve_tokenizer_dir(cfg: RunConfig) -> str:
+    if cfg.data.tokenizer:
+        path = cfg.data.tokenizer
+    elif cfg.checkpoint.init_from:
+        path = os.path.join(cfg.checkpoint.init_from, "tokenizer")
+    else:
+        raise ValueError("data.tokenizer is empty and checkpoint.init_from has no tokenizer/: set one")
+    if not os.path.isdir(path):
+        raise ValueError(f"tokenizer directory {path!r} does not exist (data.tokenizer or "
+                         f"checkpoint.init_from/tokenizer)")
+    return path
+
+
+def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, Any]:
+    """Fail fast, before any process group or model exists, on config errors."""
+    if cfg.train.dtype not in DTYPES:
+        raise ValueError(f"train.dtype must be one of {sorted(DTYPES)}, got {cfg.train.dtype!r}")
+    if cfg.train.fp8 not in (None, "delayed", "current"):
+        raise ValueError(f"train.fp8 must be null, 'delayed' or 'current', got {cfg.train.fp8!r}")
+    if cfg.optimizer.decay not in ("linear", "cosine", "constant"):
+        raise ValueError(f"optimizer.decay must be linear, cosine or constant, got {cfg.optimizer.decay!r}")
+    if not cfg.data.train_path:
+        raise ValueError("data.train_path is required")
+    if not os.path.exists(cfg.data.train_path):
+        raise ValueError(f"data.train_path: {cfg.data.train_path!r} does not exist")
+    spec = get_loss(cfg.loss.name)
+    hparams = spec.make_hparams(cfg.loss.params)
+    model_cfg = resolve_model_config(cfg)
+    cfg.parallel.validate(world_size, model_cfg)
+    if cfg.data.micro_batch_tokens % cfg.parallel.seq_multiple():
+        raise ValueError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
+                         f"{cfg.parallel.seq_multiple()} (2*CP, times TP with sequence parallelism)")
+    return model_cfg, spec, hparams
+
+
+def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: ParallelGroups):
+    from redi_megatron.data import (PackedStepSampler, PackingConfig, build_pair_dataset,
+                                    build_sft_dataset, load_tokenizer)
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    build = build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset
+    dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc,
+                    progress=ParallelGroups.rank(groups.dp) == 0)
+    packing = PackingConfig(
+        global_batch_size=cfg.data.global_batch_size, micro_batch_tokens=cfg.data.micro_batch_tokens,
+        rows_per_microbatch=cfg.data.micro_batch_rows, pad_to_multiple_of=cfg.parallel.seq_multiple(),
+        # The interleaved (VPP) schedule exchanges no shapes: every microbatch of a step has one length.
+        row_shape="step" if cfg.parallel.vpp is not None else "trim",
+        seed=cfg.data.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampler = PackedStepSampler(dataset, packing, ParallelGroups.rank(groups.dp),
+                                ParallelGroups.size(groups.dp), pad_id=pad_id)
+    return dataset, sampler
+
+
+def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
+    steps = math.ceil(cfg.train.epochs * steps_per_epoch)
+    if cfg.train.max_steps is not None:
+        steps = min(steps, cfg.train.max_steps)
+    if steps < 1:
+        raise ValueError(f"the run has no steps (train.epochs={cfg.train.epochs}, "
+                         f"{steps_per_epoch} steps per epoch, train.max_steps={cfg.train.max_steps})")
+    return steps
+
+
+def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int):
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from redi_megatron.models.builder import build_model_chunks
+    from redi_megatron.models.layer_specs import have_transformer_engine
+    from redi_megatron.parallel.loss_scaling import validate_megatron_config
+
+    torch.manual_seed(cfg.train.seed)
+    dtype = DTYPES[cfg.train.dtype]
+    use_te = torch.cuda.is_available() and have_transformer_engine()
+    chunks = build_model_chunks(model_cfg, cfg.parallel, dtype=dtype, use_te=use_te,
+                                recompute=cfg.train.recompute, fp8=cfg.train.fp8)
+    validate_megatron_config(chunks[0].config)
+    o = cfg.optimizer
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                            use_distributed_optimizer=o.use_distributed_optimizer)
+    wrapped = [DistributedDataParallel(config=c.config, ddp_config=ddp_cfg, module=c) for c in chunks]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype,
+        use_distributed_optimizer=o.use_distributed_optimizer), wrapped)
+    warmup = int(round(o.warmup_ratio * steps))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=max(steps, warmup + 1), lr_decay_style=o.decay, start_wd=o.weight_decay,
+        end_wd=o.weight_decay, wd_incr_steps=steps, wd_incr_style="constant")
+    config = chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped, optimizer, scheduler, use_te
+
+
+def with_model(cfg: RunConfig, model_cfg: ModelConfig) -> RunConfig:
+    """The config as resolved (architecture from the checkpoint), for saving next to checkpoints."""
+    return replace(cfg, model=model_cfg)

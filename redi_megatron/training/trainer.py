@@ -1,0 +1,114 @@
+"""The training loop: SFT, REDI, DPO or SimPO on Megatron-Core, from one CPU process to many GPUs.
+
+The loss is looked up in the registry; nothing here branches on which loss it is, beyond asking the
+spec whether it needs pairs or offline reference log-probs.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+from redi_megatron.config.schema import RunConfig
+from redi_megatron.training import checkpointing as ckpt
+from redi_megatron.training.components import (Components, build_data, build_model_and_optimizer,
+                                               resolve_tokenizer_dir, total_steps, validate, with_model)
+
+
+def _init_groups(cfg: RunConfig):
+    """Use the process groups the caller set up (tests), or create them from torchrun's env."""
+    from megatron.core import parallel_state as ps
+
+    from redi_megatron.parallel.state import groups, init_parallel
+
+    if ps.model_parallel_is_initialized():
+        p = cfg.parallel
+        have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+                ps.get_context_parallel_world_size())
+        if have != (p.tp, p.pp, p.cp):
+            raise ValueError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
+        return groups(), False
+    p = cfg.parallel
+    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed), True
+
+
+def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
+    """Everything for the run, restored from the newest checkpoint in ``save_dir`` when resuming."""
+    from redi_megatron.models.checkpoint import load_model_checkpoint
+
+    from redi_megatron.parallel.collectives import world_size
+
+    model_cfg, spec, hparams = validate(cfg, world_size())
+    tokenizer_dir = resolve_tokenizer_dir(cfg)
+    grps, _ = _init_groups(cfg)
+    ckpt.ensure_run_dir(cfg.checkpoint.save_dir)
+    dataset, sampler = build_data(cfg, spec, tokenizer_dir, grps)
+    steps = total_steps(cfg, sampler.steps_per_epoch)
+    chunks, optimizer, scheduler, use_te = build_model_and_optimizer(cfg, model_cfg, steps)
+    c = Components(cfg=cfg, groups=grps, model_cfg=model_cfg, loss_spec=spec, loss_hparams=hparams,
+                   chunks=chunks, optimizer=optimizer, scheduler=scheduler, dataset=dataset,
+                   sampler=sampler, tokenizer_dir=tokenizer_dir, total_steps=steps, use_te=use_te)
+    resume_from = ckpt.find_resume_point(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
+    state = None
+    if resume_from is not None:
+        state = ckpt.load_training_checkpoint(c, resume_from)
+    elif cfg.checkpoint.init_from:
+        load_model_checkpoint(chunks, cfg.checkpoint.init_from)
+    if spec.needs_reference and not dataset.has_ref_logps:
+        _attach_reference(c)
+    if state is not None:
+        c.sampler.load_state_dict(state["sampler"])
+    return c, state
+
+
+def _attach_reference(c: Components) -> None:
+    """Compute (or read back) DPO's reference log-probs, then re-make the sampler to carry them."""
+    from redi_megatron.data import PackedStepSampler
+    from redi_megatron.training.reference import reference_logps
+
+    c.dataset.ref_logps = reference_logps(c, c.sampler)
+    old = c.sampler
+    c.sampler = PackedStepSampler(c.dataset, old.cfg, old.dp_rank, old.dp_size, pad_id=old.pad_id)
+
+
+def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
+    """Run (or resume) the configured job. ``stop_after`` ends it early after that step's checkpoint,
+    as if the job had been killed there (used by the resume tests). Returns a summary."""
+    from redi_megatron.config.loader import save_resolved, to_dict
+    from redi_megatron.parallel.collectives import is_global_rank_zero
+    from redi_megatron.training.collapse import CollapseMonitor
+    from redi_megatron.training.logging import MetricsLogger
+    from redi_megatron.training.step import train_step
+
+    c, state = setup(cfg)
+    start = state["step"] if state else 0
+    resolved = with_model(cfg, c.model_cfg)
+    if is_global_rank_zero():
+        save_resolved(resolved, os.path.join(cfg.checkpoint.save_dir, "config.yaml"))
+    resolved_dict = to_dict(resolved)
+    logger = MetricsLogger(cfg.logging, cfg.checkpoint.save_dir, total_steps=c.total_steps,
+                           start_step=start, enabled=is_global_rank_zero(), run_config=resolved_dict)
+    monitor = CollapseMonitor(cfg.logging.collapse)
+    history, saved_at, stopped = [], None, None
+    try:
+        for step in range(start + 1, c.total_steps + 1):
+            metrics = train_step(c, c.sampler.next_step())
+            history.append(metrics)
+            logger.log(step, metrics)
+            verdict = monitor.update(step, metrics)
+            if verdict.action != "none":
+                logger.message(verdict.message)
+            interval = cfg.checkpoint.save_interval
+            if verdict.action == "stop" or step == c.total_steps or (interval and step % interval == 0) \
+                    or step == stop_after:
+                ckpt.save_training_checkpoint(c, step, c.sampler.state_dict(), resolved_dict)
+                saved_at = step
+            if verdict.action == "stop":
+                stopped = verdict.message
+                break
+            if step == stop_after:
+                break
+    finally:
+        logger.close()
+    return {"start_step": start, "last_step": start + len(history), "total_steps": c.total_steps,
+            "history": history, "last_checkpoint": None if saved_at is None else
+            str(ckpt.step_dir(cfg.checkpoint.save_dir, saved_at)), "stopped": stopped}
