@@ -121,12 +121,12 @@ def load_hf_into_chunks(chunks: Sequence[torch.nn.Module], plan: ConversionPlan,
 
 def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optional[int] = None,
                            pp: Optional[int] = None, overrides: Optional[dict[str, Any]] = None,
-                           dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True
-                           ) -> Path:
+                           dtype: Optional[str] = None, overwrite: bool = False, progress: bool = True,
+                           plan: Optional[ConversionPlan] = None) -> Path:
     """Convert on every rank of the current Megatron layout (``init_parallel`` must have run).
 
     ``tp``/``pp`` (default: the current layout) are the layout to validate and pad for; the current
-    layout must be that one or a single rank.
+    layout must be that one or a single rank. ``plan`` skips re-reading the HF headers.
     """
     from redi_megatron.models.builder import build_model_chunks
     from redi_megatron.parallel.state import ParallelGroups, groups
@@ -137,7 +137,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
     if (tp_size, pp_size) not in ((1, 1), (tp, pp)):
         raise ValueError(f"running at TP{tp_size}/PP{pp_size}: convert for --tp {tp} --pp {pp} with "
                          f"tp*pp ranks or with one")
-    plan = plan_conversion(hf_dir, tp=tp, pp=pp, overrides=overrides, dtype=dtype)
+    plan = plan or plan_conversion(hf_dir, tp=tp, pp=pp, overrides=overrides, dtype=dtype)
     check_output_dir(out_dir, overwrite)  # fail before the expensive part
     chunks = build_model_chunks(plan.model_cfg, ParallelConfig(tp=tp_size, pp=pp_size), dtype=plan.dtype)
     is_first = all(ParallelGroups.rank(x) == 0 for x in (g.tp, g.pp, g.dp, g.cp))
@@ -172,10 +172,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         overrides = parse_overrides(args.override)
+        # Everything that can be checked without weights is checked before any process group exists.
+        plan = plan_conversion(args.hf, tp=args.tp, pp=args.pp, overrides=overrides, dtype=args.dtype)
+        check_output_dir(args.out, args.overwrite)
         with parallel_context(args.tp, args.pp):
             out = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, overrides=overrides,
-                                         dtype=args.dtype, overwrite=args.overwrite,
-                                         progress=not args.no_progress)
+                                         overwrite=args.overwrite, progress=not args.no_progress,
+                                         plan=plan)
         print(f"wrote {out}")
         return 0
 

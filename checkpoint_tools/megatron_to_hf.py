@@ -100,6 +100,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     force_cpu()
 
     def body() -> int:
+        read_meta(args.megatron)
+        family_for_config(read_model_config(args.megatron))
+        check_output_dir(args.out, args.overwrite)
+        if args.dtype:
+            dtype_from_name(args.dtype, "--dtype")
+        parse_size(args.max_shard_size)
         with parallel_context():
             out = export_megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,

