@@ -169,6 +169,7 @@ def test_strict_and_empty_are_errors(tmp_path, tok, fixture_rows):
     with pytest.raises(ValueError, match="no positives and no pairs"):
         curate(CurationConfig(input=invalid, output=str(tmp_path / "o2"), tokenizer="", num_proc=1,
                               progress=False), tokenizer=tok)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # failed runs leave nothing
     with pytest.raises(ValueError, match="exists"):
         curate(CurationConfig(input=path, output=str(tmp_path), tokenizer="", num_proc=1), tokenizer=tok)
 

@@ -147,6 +147,8 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
     check_tokenizer(tok, cfg.template(), where=str(cfg.tokenizer))
     chunks = plan_chunks(files, cfg.rows_per_chunk)
     n = sum(c.num_rows for c in chunks)
+    if n == 0:
+        raise ValueError(f"{cfg.input}: no rows")
     spec = WorkerSpec(rules, cfg.template(), cfg.length_measure, os.path.abspath(cfg.input), tok)
     report = Report(cfg, schema, rules.correctness_rule, files, n)
     ranks = shuffle_ranks(n, cfg.shuffle_seed)
@@ -157,6 +159,9 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
         _process_all(cfg, chunks, spec, report, ranks, tmp, n)
         report.check_not_empty(cfg.outputs)
         write_outputs(cfg, report, tmp)
+    except BaseException:
+        shutil.rmtree(cfg.output, ignore_errors=True)  # no half-written output that looks complete
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result = report.to_dict()
