@@ -220,3 +220,30 @@ def tiny_tokenizer(vocab_size: int = 400, corpus: Optional[List[str]] = None) ->
 
 
 QWEN_SYSTEM_FOR_CORPUS = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def write_scale_fixture(path: str, num_rows: int, seed: int = 0) -> str:
+    """JSONL of ``num_rows`` current-schema rows with R1-like trace lengths, for throughput runs.
+
+    2-4 generations per row of log-normal length (median ~3k words), ~1/3 invalid, ~1/3 cn_k12,
+    labels random. Returns ``path``.
+    """
+    rng = random.Random(seed)
+    words = _WORDS + ["so", "x", "equals"]
+
+    def text(k: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(k))
+
+    with open(path, "w", encoding="utf-8") as f:
+        for i in range(num_rows):
+            g = rng.randint(2, 4)
+            gens = [f"<think>\n{text(int(rng.lognormvariate(8.0, 0.7)))}\n</think>\n\nThe answer is $\\boxed{{3}}$."
+                    for _ in range(g)]
+            llama = [rng.random() < 0.5 for _ in range(g)]
+            row = {"problem": f"Problem {i}: {text(rng.randint(20, 200))}", "answer": "3",
+                   "problem_is_valid": rng.choice(["Yes", "Yes", "No"]),
+                   "source": rng.choice(["olympiads", "cn_k12", "amc_aime"]), "generations": gens,
+                   "correctness": {"llama_verification": llama, "math_verify_answer": llama,
+                                   "math_verify_reparsed_answer": [v or rng.random() < 0.2 for v in llama]}}
+            f.write(json.dumps(row) + "\n")
+    return path
