@@ -55,6 +55,14 @@ def _combine_over_tp(local_lse: torch.Tensor, target_logit: torch.Tensor,
     return lse_max + torch.log(sum_exp), target_logit
 
 
+def _shifted_into(ws: torch.Tensor, x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """``ws = x - shift`` in fp32 without temporaries (a mixed-dtype ``torch.sub`` would first make an
+    fp32 copy of ``x``; ``copy_`` casts in place)."""
+    if x.dtype == ws.dtype:
+        return torch.sub(x, shift, out=ws)
+    return ws.copy_(x).sub_(shift)
+
+
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d: torch.Tensor, targets1d: torch.Tensor, group: Optional[dist.ProcessGroup],
@@ -71,8 +79,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
             x = logits2d[start:start + chunk_size]
             ws = work[:x.shape[0]]
             row_max = x.amax(dim=1, keepdim=True).float()
-            torch.sub(x, row_max, out=ws)
-            ws.exp_()
+            _shifted_into(ws, x, row_max).exp_()
             local_lse[start:start + x.shape[0]] = ws.sum(dim=1).log_() + row_max.squeeze(1)
         del work
         lse, target_logit = _combine_over_tp(local_lse, target_logit, group)
@@ -89,15 +96,19 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         chunk = ctx.chunk_size
         # d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient.
         target_grad = torch.where(on_shard, grad_out, torch.zeros_like(grad_out))
-        work = torch.empty(min(chunk, logits2d.shape[0]), logits2d.shape[1], dtype=torch.float32,
-                           device=logits2d.device)
+        # fp32 logits: the gradient buffer itself is the workspace; otherwise an fp32 chunk buffer keeps
+        # the softmax exact before the single rounding to the logits' dtype.
+        direct = logits2d.dtype == torch.float32
+        work = None if direct else torch.empty(min(chunk, logits2d.shape[0]), logits2d.shape[1],
+                                               dtype=torch.float32, device=logits2d.device)
         for start in range(0, logits2d.shape[0], chunk):
             end = min(start + chunk, logits2d.shape[0])
-            ws = work[:end - start]
-            torch.sub(logits2d[start:end], lse[start:end].unsqueeze(1), out=ws)
+            ws = grad[start:end] if direct else work[:end - start]
+            _shifted_into(ws, logits2d[start:end], lse[start:end].unsqueeze(1))
             ws.exp_().mul_(grad_out[start:end].neg().unsqueeze(1))
             ws.scatter_add_(1, local_t[start:end].unsqueeze(1), target_grad[start:end].unsqueeze(1))
-            grad[start:end].copy_(ws)
+            if not direct:
+                grad[start:end].copy_(ws)
         return grad, None, None, None, None
 
 
