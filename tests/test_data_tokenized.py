@@ -51,7 +51,7 @@ def test_cache_hit_and_invalidation(tmp_path, tok):
     path = _write(tmp_path / "pos.jsonl", [{"problem": p, "completion": _gen(i)} for i, p in enumerate(PROBLEMS)])
     cache = str(tmp_path / "cache")
     a = build_sft_dataset(path, tok, cache_dir=cache, progress=False)
-    b = build_sft_dataset(path, tok, cache_dir=cache, progress=False)
+    b = build_sft_dataset(path, qwen_tokenizer_dir(), cache_dir=cache, progress=False)  # a directory works too
     assert a.cache_path == b.cache_path and np.array_equal(a.tokens, b.tokens)
     c = build_sft_dataset(path, tok, template=TemplateConfig(system_prompt=None), cache_dir=cache, progress=False)
     assert c.cache_path != a.cache_path and c[0]["prompt_ids"].shape[0] == a[0]["prompt_ids"].shape[0] - 20

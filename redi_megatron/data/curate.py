@@ -126,7 +126,8 @@ def _results(chunks: list, spec: WorkerSpec, num_proc: int):
 def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
     """Run the curation; returns the report (also written to ``<output>/curation_report.json``).
 
-    ``tokenizer`` (a fast HF tokenizer) overrides loading ``cfg.tokenizer`` from disk.
+    ``tokenizer`` (a fast HF tokenizer) overrides loading ``cfg.tokenizer`` from disk. With
+    ``num_proc > 1`` workers are spawned processes: call this under ``if __name__ == "__main__":``.
     """
     cfg.validate()
     files = list_input_files(cfg.input)

@@ -24,7 +24,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 
 from .batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec
-from .templates import TemplateConfig, check_tokenizer, encode_completions, encode_prompts
+from .templates import TemplateConfig, check_tokenizer, encode_completions, encode_prompts, load_tokenizer
 
 FORMAT_VERSION = 1
 KIND_SFT, KIND_PAIR = "sft", "pair"
@@ -299,6 +299,8 @@ def _load(kind: str, d: str, source: str, in_memory: bool) -> TokenizedDataset:
 def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConfig],
            cache_dir: Union[str, bool, None], num_proc: int, progress: bool) -> TokenizedDataset:
     template = template or TemplateConfig()
+    if isinstance(tokenizer, str):
+        tokenizer = load_tokenizer(tokenizer)
     check_tokenizer(tokenizer, template)
     if not os.path.exists(path):
         raise ValueError(f"dataset path {path!r} does not exist")
@@ -329,8 +331,9 @@ def build_sft_dataset(path: str, tokenizer: Any, template: Optional[TemplateConf
                       progress: bool = True) -> TokenizedDataset:
     """Tokenize curated positives for the SFT stage.
 
-    ``cache_dir``: None = ``$REDI_DATA_CACHE`` or ``~/.cache/redi_megatron/tokenized``; False = no cache
-    (arrays held in memory). ``num_proc > 1`` tokenizes in that many spawned processes.
+    ``tokenizer``: a fast HF tokenizer or its directory. ``cache_dir``: None = ``$REDI_DATA_CACHE`` or
+    ``~/.cache/redi_megatron/tokenized``; False = no cache (arrays held in memory). ``num_proc > 1``
+    tokenizes in that many spawned processes (call it under ``if __name__ == "__main__":`` then).
     ValueError (naming the file and row) on a missing or empty field.
     """
     return _build(KIND_SFT, path, tokenizer, template, cache_dir, num_proc, progress)
