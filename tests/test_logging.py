@@ -48,6 +48,21 @@ def test_console_lines_at_interval_and_last_step(tmp_path):
     assert lines[-1].endswith("ETA 0:00:00")
 
 
+def test_throughput_is_robust_to_a_slow_step_and_accepts_measured_time(tmp_path):
+    out = io.StringIO()
+    clock = FakeClock(dt=1.0)
+    cfg = LoggingConfig(log_interval=3, tensorboard=False, jsonl=True)
+    with MetricsLogger(cfg, str(tmp_path / "run"), total_steps=6, stream=out, console="lines", clock=clock) as log:
+        for s in (1, 2, 3):
+            clock.dt = 10.0 if s == 2 else 1.0  # step 2 also waited for a checkpoint save
+            log.log_step(s, {"loss": 1.0}, tokens=1000)
+        for s in (4, 5, 6):
+            rec = log.log_step(s, {"loss": 1.0}, tokens=1000, step_time=0.25)
+    first, second = out.getvalue().splitlines()
+    assert "| 1.0k tok/s | 1.00 s/step |" in first          # medians: the 10 s step does not count
+    assert "| 4.0k tok/s |" in second and rec["step_time"] == 0.25 and rec["tokens_per_s"] == 4000.0
+
+
 def test_console_without_pair_metrics(tmp_path):
     out = io.StringIO()
     with make(tmp_path, out, log_interval=1, total_steps=1) as log:

@@ -7,6 +7,8 @@ global-batch) metrics. Every sink is written on every step except the console, w
 * console: ``step 12/500 | loss 0.4312 | lr 1.00e-06 | grad 0.531 | logp c -0.321 r -0.876 |
   12.3k tok/s | 0.52 s/step | ETA 1:02:03`` as plain lines (log files, Slurm) or a tqdm bar when the
   stream is a terminal; chosen/rejected per-token log-probs appear when the loss reports them;
+  tokens/s and s/step are medians over the recent steps, so one step that also waited for a
+  checkpoint save does not distort them;
 * ``<run_dir>/metrics.jsonl``: one JSON object per step (``step``, ``time``, ``step_time``, ``tokens``,
   ``tokens_per_s`` and every metric). On resume from step N, records after N (written by the
   interrupted run past its last checkpoint) are dropped first, so the file reads as one clean run;
@@ -149,7 +151,7 @@ class MetricsLogger:
         self._clock = clock
         self._last_time = clock()
         self._recent: deque = deque(maxlen=_RECENT)
-        self._interval_tokens, self._interval_time = 0, 0.0
+        self._interval_rates: list[float] = []
         self._jsonl = self._tb = self._wandb = self._bar = None
         self.console = "off"
         if not enabled:
@@ -214,24 +216,28 @@ class MetricsLogger:
         """Start timing the next step now (call after a long setup such as a reference pass)."""
         self._last_time = self._clock()
 
-    def log_step(self, step: int, metrics: Mapping[str, Any], *, tokens: Optional[int] = None) -> Optional[dict]:
+    def log_step(self, step: int, metrics: Mapping[str, Any], *, tokens: Optional[int] = None,
+                 step_time: Optional[float] = None) -> Optional[dict]:
         """Record optimizer step ``step`` (1-based, ``start_step < step <= total_steps``).
 
         metrics: name -> number (floats, ints, 0-d tensors); ``loss``, ``lr``, ``grad_norm`` and the
         loss's own metrics (``chosen_logps_norm``, ``rejected_logps_norm``, ``margin``, ...).
-        tokens: tokens processed by the step over all ranks (for tokens/s). Returns the JSONL record.
+        tokens: tokens processed by the step over all ranks (for tokens/s).
+        step_time: seconds the step took, when the caller timed it; by default the wall time since the
+            previous call (which then includes a checkpoint save in between: call :meth:`reset_timer`
+            after one). Returns the JSONL record.
         """
         if not self.enabled:
             return None
         now = self._clock()
-        dt, self._last_time = now - self._last_time, now
+        dt = now - self._last_time if step_time is None else float(step_time)
+        self._last_time = now
         self._recent.append(dt)
         record: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3), "step_time": dt}
         if tokens is not None:
             record["tokens"] = int(tokens)
             record["tokens_per_s"] = tokens / dt if dt > 0 else float("nan")
-            self._interval_tokens += int(tokens)
-        self._interval_time += dt
+            self._interval_rates.append(record["tokens_per_s"])
         for k, v in metrics.items():
             v = _scalar(v)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -253,7 +259,7 @@ class MetricsLogger:
             self.stream.write(self._summary(step, record) + "\n")
             self.stream.flush()
         if step % self.cfg.log_interval == 0 or step == self.total_steps:
-            self._interval_tokens, self._interval_time = 0, 0.0
+            self._interval_rates = []
         return record
 
     def _summary(self, step: int, rec: Mapping[str, Any], with_step: bool = True) -> str:
@@ -270,8 +276,9 @@ class MetricsLogger:
             parts.append(f"{'grad' if norm_key == 'grad_norm' else 'update'} {rec[norm_key]:.3f}")
         if "chosen_logps_norm" in rec and "rejected_logps_norm" in rec:
             parts.append(f"logp c {rec['chosen_logps_norm']:.3f} r {rec['rejected_logps_norm']:.3f}")
-        if self._interval_tokens and self._interval_time > 0:
-            parts.append(f"{_fmt_rate(self._interval_tokens / self._interval_time)} tok/s")
+        rates = [r for r in self._interval_rates if math.isfinite(r)]
+        if rates:  # median: one step that also waited for a checkpoint save does not skew it
+            parts.append(f"{_fmt_rate(statistics.median(rates))} tok/s")
         per_step = statistics.median(self._recent)
         parts.append(f"{per_step:.2f} s/step")
         parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
