@@ -74,6 +74,12 @@ def test_pairs_with_ref_logps_from_hf_dir(tmp_path, tok):
     assert rejected.input_ids.tolist() == prompt + encode_completion(tok, _gen(3, ok=False))
     assert (chosen.role, rejected.role) == (ROLE_CHOSEN, ROLE_REJECTED)
     assert (chosen.ref_logp, rejected.ref_logp) == (-13.0, -23.5)
+    ds.ref_logps = np.full((12, 2), -1.5)  # what a reference pass attaches
+    assert ds.sequences(0)[1].ref_logp == -1.5
+    with pytest.raises(ValueError, match=r"must be \[12, 2\]"):
+        ds.ref_logps = np.zeros((11, 2))
+    with pytest.raises(ValueError, match="non-finite values, e.g. sample 2"):
+        ds.ref_logps = np.where(np.arange(24).reshape(12, 2) == 5, np.nan, -1.0)
 
 
 def test_authors_message_formats_and_tiny_tokenizer(tmp_path):

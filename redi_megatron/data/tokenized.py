@@ -44,15 +44,33 @@ class TokenizedDataset:
                  source: str, cache_path: Optional[str] = None) -> None:
         k = _SEGMENTS[kind]
         assert (offsets.shape[0] - 1) % k == 0, "offsets do not split into whole samples"
-        self.kind, self.tokens, self.offsets, self.ref_logps = kind, tokens, offsets, ref_logps
+        self.kind, self.tokens, self.offsets = kind, tokens, offsets
         self.source, self.cache_path = source, cache_path
         self._k = k
         seg = np.diff(offsets).reshape(-1, k)
         self._prompt_len = seg[:, 0]
         self._completion_len = seg[:, 1:]
+        self.ref_logps = ref_logps
 
     def __len__(self) -> int:
         return int(self._prompt_len.shape[0])
+
+    @property
+    def ref_logps(self) -> Optional[np.ndarray]:
+        """Reference summed log-probs ``[n, 2]`` float64 (chosen, rejected), or None."""
+        return self._ref_logps
+
+    @ref_logps.setter
+    def ref_logps(self, values: Optional[np.ndarray]) -> None:
+        # Assigned after a reference pass too: check it, since a wrong shape would silently misalign pairs.
+        if values is not None:
+            values = np.asarray(values, dtype=np.float64)
+            if self.kind != KIND_PAIR or values.shape != (len(self), 2):
+                raise ValueError(f"ref_logps must be [{len(self)}, 2] for a pair dataset, got {values.shape} "
+                                 f"for a {self.kind} dataset")
+            if not np.isfinite(values).all():
+                raise ValueError(f"ref_logps has non-finite values, e.g. sample {int(np.argwhere(~np.isfinite(values))[0][0])}")
+        self._ref_logps = values
 
     @property
     def has_ref_logps(self) -> bool:
