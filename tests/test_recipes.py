@@ -105,3 +105,70 @@ def test_tiny_cpu_recipes():
         assert params * 4 < 5e6, "a few-MB model"
     assert redi.model == sft.model and redi.checkpoint.init_from == sft.checkpoint.save_dir
     assert redi.loss.name == "redi" and sft.loss.name == "sft"
+
+
+# ----------------------------------------------------------------------------- examples/slurm
+
+SLURM = os.path.join(os.path.dirname(CONFIGS), "slurm")
+
+
+def _bash(args, env, cwd):
+    import subprocess
+
+    full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(["bash", *args], env=full_env, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_pipeline_submits_the_chain_with_afterok(tmp_path):
+    repo = os.path.dirname(os.path.dirname(CONFIGS))
+    r = _bash([os.path.join(SLURM, "pipeline.sh")],
+              {"DRY_RUN": "1", "HF_BASE": "/models/Qwen2.5-Math-1.5B", "EVAL_IMAGE": "/img/vllm.sqsh"}, repo)
+    assert r.returncode == 0, r.stderr
+    cmds = [line for line in r.stderr.splitlines() if line.startswith("sbatch")]
+    names = [c.split("--job-name=")[1].split()[0] for c in cmds]
+    assert names == ["redi-convert", "redi-sft", "redi-redi", "redi-export-sft", "redi-export", "redi-eval"]
+    deps = [c.split("--dependency=")[1].split()[0] if "--dependency=" in c else None for c in cmds]
+    assert deps == [None, r"afterok:\<convert\>", r"afterok:\<sft\>", r"afterok:\<sft\>", r"afterok:\<redi\>",
+                    r"afterok:\<export\>"]
+    assert "rope_theta=300000" in cmds[0] and "max_position_embeddings=32768" in cmds[0]
+    assert "qwen2.5-math-1.5b_sft.yaml" in cmds[1] and "checkpoint.init_from=checkpoints/qwen2.5-math-1.5b" in cmds[1]
+    assert "INIT_FROM_RUN=runs/qwen2.5-math-1.5b_sft" in cmds[2] and "qwen2.5-math-1.5b_redi.yaml" in cmds[2]
+    assert "IMAGE=/img/vllm.sqsh" in cmds[5]
+    for c in cmds[1:3]:  # the configs the pipeline trains exist
+        cfg = next(tok for tok in c.split() if tok.endswith(".yaml"))
+        assert os.path.isfile(os.path.join(repo, cfg))
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"START_AT": "bogus"}, "START_AT must be one of"),
+    ({"START_AT": "redi", "STOP_AT": "sft"}, "comes before"),
+    ({"HF_BASE": "/m"}, "set EVAL_IMAGE"),
+    ({"STOP_AT": "export"}, "set HF_BASE"),
+])
+def test_pipeline_refuses_bad_settings(tmp_path, env, needle):
+    r = _bash([os.path.join(SLURM, "pipeline.sh")], {"DRY_RUN": "1", **env}, str(tmp_path))
+    assert r.returncode == 2 and needle in r.stderr, r.stderr
+
+
+def test_torchrun_node_builds_the_launch_and_resolves_init_from_run(tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "torchrun").write_text('#!/bin/bash\nprintf "%s\\n" "$@"\n')
+    (fake / "torchrun").chmod(0o755)
+    ckpts = tmp_path / "runs" / "sft" / "checkpoints"
+    for name, complete in (("step_0000010", True), ("step_0000020", True), ("step_0000030", False)):
+        (ckpts / name).mkdir(parents=True)
+        if complete:
+            (ckpts / name / "redi_meta.json").write_text("{}")
+    env = {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_NNODES": "4", "SLURM_NODEID": "2",
+           "SLURM_JOB_ID": "77", "MASTER_ADDR": "node0", "MASTER_PORT": "20077",
+           "INIT_FROM_RUN": str(tmp_path / "runs" / "sft")}
+    r = _bash([os.path.join(SLURM, "torchrun_node.sh"), "cfg.yaml", "a=1", "b=x y"], env, str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines() == [
+        "--nnodes=4", "--nproc-per-node=8", "--node-rank=2", "--rdzv-id=77", "--rdzv-backend=c10d",
+        "--rdzv-endpoint=node0:20077", "-m", "redi_megatron.training.cli", "--config", "cfg.yaml", "a=1", "b=x y",
+        f"checkpoint.init_from={ckpts / 'step_0000020'}"]  # the newest *complete* checkpoint
+    env["INIT_FROM_RUN"] = str(tmp_path / "nothing")
+    r = _bash([os.path.join(SLURM, "torchrun_node.sh"), "cfg.yaml"], env, str(tmp_path))
+    assert r.returncode != 0 and "no complete checkpoint" in r.stderr
