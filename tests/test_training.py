@@ -89,8 +89,11 @@ def test_parallel_layouts_match_single_rank(data, tmp_path, loss, layout):
 
 
 def test_kill_and_resume_continues_exactly(data, tmp_path):
-    full, _ = run_distributed(_train, 1, args=(_cfg(data, tmp_path / "full", loss="redi"),), timeout=240)[0]
-    cfg = _cfg(data, tmp_path / "killed", loss="redi")
+    # Weight decay and a warmup/decay schedule make any lost optimizer or scheduler state visible.
+    over = dict(optimizer__weight_decay=0.1, optimizer__warmup_ratio=0.25, optimizer__decay="linear")
+    full, _ = run_distributed(_train, 1, args=(_cfg(data, tmp_path / "full", loss="redi", **over),),
+                              timeout=240)[0]
+    cfg = _cfg(data, tmp_path / "killed", loss="redi", **over)
     first, _ = run_distributed(_train, 1, args=(cfg, 2), timeout=240)[0]
     resumed, out = run_distributed(_train, 1, args=(cfg,), timeout=240)[0]
     assert out["start_step"] == 2

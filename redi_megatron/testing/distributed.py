@@ -66,6 +66,7 @@ def _child(rank: int, world_size: int, port: int, layout: Layout, fn: Callable, 
         # On timeout the parent sends SIGUSR1: the rank writes where it is stuck.
         faulthandler.register(signal.SIGUSR1, file=open(stack_file, "w"), all_threads=False)
         torch.set_num_threads(1)
+        _allow_checkpoint_writes()
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                           WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
         from redi_megatron.parallel.state import destroy_parallel, init_parallel
@@ -83,6 +84,21 @@ def _child(rank: int, world_size: int, port: int, layout: Layout, fn: Callable, 
         conn.close()
         # Skip interpreter teardown: gloo threads sometimes abort at exit after success.
         os._exit(0)
+
+
+def _allow_checkpoint_writes() -> None:
+    """Let a forked rank save Megatron dist checkpoints.
+
+    The writer forks helper processes (not allowed from a daemonic process) and collects their results
+    through a queue it creates with a *spawned* ``Manager``; a rank that leaves with ``os._exit`` would
+    orphan that server, and the save is synchronous here, so an in-process queue does the same job.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    mp.current_process().daemon = False
+    filesystem_async._results_queue = queue.Queue()
 
 
 def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, cp: int = 1,

@@ -47,17 +47,22 @@ def latest_checkpoint(save_dir: str) -> Optional[Path]:
 
 
 def _optimizer_sharded(c, model_sd: dict, is_loading: bool) -> dict:
-    return c.optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+    # "fully_reshardable": the default "fully_sharded_model_space" builds flattened-range tensors that
+    # megatron-core 0.16's own dist_checkpointing refuses; this format also reshards across layouts.
+    return c.optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                          metadata={"distrib_optim_sharding_type": "fully_reshardable"})
 
 
-def save_training_checkpoint(c, step: int, sampler_state: dict, resolved_cfg: dict) -> Path:
+def save_training_checkpoint(c, step: int, sampler_state: dict, resolved_cfg: dict,
+                             monitor_state: Optional[dict] = None) -> Path:
     """Save everything needed to continue exactly after ``step`` optimizer steps. Collective."""
     from redi_megatron.models.checkpoint import model_sharded_state_dict, save_model_checkpoint
 
     out = step_dir(c.cfg.checkpoint.save_dir, step)
     model_sd = model_sharded_state_dict(c.chunks)
     meta = {"trainer": {"step": step, "sampler": sampler_state, "scheduler": c.scheduler.state_dict(),
-                        "cpu_rng_state": torch.get_rng_state().tolist()},
+                        "cpu_rng_state": torch.get_rng_state().tolist(),
+                        "collapse_monitor": monitor_state},
             "run_config": resolved_cfg, "source": "redi-train"}
     save_model_checkpoint(c.chunks, c.model_cfg, out, tokenizer_dir=c.tokenizer_dir, extra_meta=meta,
                           extra_sharded={"optimizer": _optimizer_sharded(c, model_sd, False)})
@@ -86,6 +91,12 @@ def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
     if "trainer" not in meta:
         raise ValueError(f"{path} is a model checkpoint without trainer state; use it as "
                          f"checkpoint.init_from instead of resuming from it")
+    # Without apex/TE the optimizer can only describe its state once it has some: give it placeholder
+    # state (megatron's own helper: one step on zero gradients), which the load then overwrites.
+    for opt in getattr(c.optimizer, "chained_optimizers", [c.optimizer]):
+        init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
+        if init is not None:
+            init()
     state = load_extra_sharded(path, "optimizer",
                                _optimizer_sharded(c, model_sharded_state_dict(c.chunks), True))
     c.optimizer.load_state_dict(state)

@@ -83,10 +83,17 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
     from redi_megatron.data import (PackedStepSampler, PackingConfig, build_pair_dataset,
                                     build_sft_dataset, load_tokenizer)
 
+    from redi_megatron.parallel.collectives import barrier, is_global_rank_zero
+
     tokenizer = load_tokenizer(tokenizer_dir)
     build = build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset
-    dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc,
-                    progress=ParallelGroups.rank(groups.dp) == 0)
+    # Rank 0 tokenizes and fills the on-disk cache; the other ranks then read it instead of all
+    # tokenizing the same data at once.
+    if is_global_rank_zero():
+        dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc, progress=True)
+    barrier()
+    if not is_global_rank_zero():
+        dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc, progress=False)
     packing = PackingConfig(
         global_batch_size=cfg.data.global_batch_size, micro_batch_tokens=cfg.data.micro_batch_tokens,
         rows_per_microbatch=cfg.data.micro_batch_rows, pad_to_multiple_of=cfg.parallel.seq_multiple(),

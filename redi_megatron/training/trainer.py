@@ -9,6 +9,7 @@ import os
 from typing import Any, Optional
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.training import checkpointing as ckpt
 from redi_megatron.training.components import (Components, build_data, build_model_and_optimizer,
                                                resolve_tokenizer_dir, total_steps, validate, with_model)
@@ -53,6 +54,10 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
         state = ckpt.load_training_checkpoint(c, resume_from)
     elif cfg.checkpoint.init_from:
         load_model_checkpoint(chunks, cfg.checkpoint.init_from)
+    else:
+        from redi_megatron.models.init import init_by_name
+
+        init_by_name(chunks, model_cfg, cfg.train.seed, ParallelGroups.rank(grps.tp), ParallelGroups.size(grps.tp))
     if spec.needs_reference and not dataset.has_ref_logps:
         _attach_reference(c)
     if state is not None:
@@ -86,21 +91,25 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
         save_resolved(resolved, os.path.join(cfg.checkpoint.save_dir, "config.yaml"))
     resolved_dict = to_dict(resolved)
     logger = MetricsLogger(cfg.logging, cfg.checkpoint.save_dir, total_steps=c.total_steps,
-                           start_step=start, enabled=is_global_rank_zero(), run_config=resolved_dict)
+                           start_step=start, run_name=cfg.name, config=resolved_dict,
+                           enabled=is_global_rank_zero())
     monitor = CollapseMonitor(cfg.logging.collapse)
+    if state and state.get("collapse_monitor"):
+        monitor.load_state_dict(state["collapse_monitor"])
     history, saved_at, stopped = [], None, None
     try:
         for step in range(start + 1, c.total_steps + 1):
             metrics = train_step(c, c.sampler.next_step())
             history.append(metrics)
-            logger.log(step, metrics)
+            logger.log_step(step, metrics, tokens=int(metrics["tokens"]))
             verdict = monitor.update(step, metrics)
             if verdict.action != "none":
                 logger.message(verdict.message)
             interval = cfg.checkpoint.save_interval
             if verdict.action == "stop" or step == c.total_steps or (interval and step % interval == 0) \
                     or step == stop_after:
-                ckpt.save_training_checkpoint(c, step, c.sampler.state_dict(), resolved_dict)
+                ckpt.save_training_checkpoint(c, step, c.sampler.state_dict(), resolved_dict,
+                                              monitor.state_dict())
                 saved_at = step
             if verdict.action == "stop":
                 stopped = verdict.message
