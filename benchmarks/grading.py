@@ -58,17 +58,19 @@ def main() -> None:
 
     items = build_items(args.samples, args.think_chars, seed=0)
     mean_chars = sum(len(r) for r, _ in items) / len(items)
-    print(f"{len(items)} responses, mean {mean_chars:,.0f} characters; {os.cpu_count()} CPUs")
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    print(f"{len(items)} responses, mean {mean_chars:,.0f} characters; {os.cpu_count()} CPUs, load average {load}")
     workers = sorted({int(w) for w in args.workers.split(",")})
     for grader in args.graders.split(","):
         serial = items[: args.serial_samples]
         for r, g in items[-10:]:  # imports and parser caches, as the warmed-up pool gets
             grade_detailed(r, g, grader)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         verdicts = [grade_detailed(r, g, grader).correct for r, g in serial]
         serial_rate = len(serial) / (time.perf_counter() - start)
+        cpu_rate = len(serial) / (time.process_time() - cpu_start)
         print(f"\n[{grader}] in-process, one answer at a time: {serial_rate:8.1f} answers/s "
-              f"({sum(verdicts)}/{len(serial)} correct)")
+              f"({cpu_rate:.1f} per CPU-second; {sum(verdicts)}/{len(serial)} correct)")
         for w in workers:
             with GradingPool(workers=w) as pool:
                 pool.grade_many(items[: 4 * w], grader, progress=False)  # start and warm the workers
