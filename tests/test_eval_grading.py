@@ -1,5 +1,6 @@
 """Graders: every shipped gold grades correct against itself, a table of (non-)equivalent forms,
 the rllm extraction rules, and the SIGALRM / kill time limits of the process pool."""
+import os
 import signal
 import time
 
@@ -165,6 +166,8 @@ def test_nested_deadlines_keep_the_outer_limit():
 
 
 def _patched_grade_rllm(response, gold, require_think=True):
+    if response == "DIE":
+        os._exit(3)  # like a segfault in a C extension
     if response == "SPIN":
         _spin(60)  # Python code: SIGALRM interrupts it
     if response == "STUCK":
@@ -185,12 +188,12 @@ def test_grade_detailed_times_out_in_process(monkeypatch):
 def test_pool_times_out_and_replaces_stuck_workers(monkeypatch):
     # "fork" so that the workers inherit the patched grader.
     monkeypatch.setattr(rllm_grader, "grade_rllm", _patched_grade_rllm)
-    items = [("1", "1"), ("SPIN", "1"), ("2", "2"), ("STUCK", "1"), ("3", "4"), ("5", "5")]
+    items = [("1", "1"), ("SPIN", "1"), ("2", "2"), ("STUCK", "1"), ("3", "4"), ("DIE", "1"), ("5", "5")]
     start = time.monotonic()
     with GradingPool(workers=2, timeout=0.5, kill_grace=1.0, start_method="fork") as pool:
         results = pool.grade_many(items, "rllm", progress=False)
         again = pool.grade_many([("7", "7")], "rllm", progress=False)
-    assert [r.status for r in results] == ["ok", "timeout", "ok", "killed", "ok", "ok"]
-    assert [r.correct for r in results] == [True, False, True, False, False, True]
+    assert [r.status for r in results] == ["ok", "timeout", "ok", "killed", "ok", "error: grading worker died", "ok"]
+    assert [r.correct for r in results] == [True, False, True, False, False, False, True]
     assert again[0].correct
     assert time.monotonic() - start < 10

@@ -215,14 +215,23 @@ class GradingPool:
         return results  # type: ignore[return-value]
 
     def _dispatch(self, pending, items, grader: str, require_think: bool) -> None:
-        for worker in self._workers:
+        for index in range(len(self._workers)):
+            worker = self._workers[index]
             while pending and len(worker.inflight) < self._PREFETCH:
                 task_id = pending.popleft()
                 response, gold = items[task_id]
                 gold = gold if isinstance(gold, str) else list(gold)
+                try:
+                    worker.conn.send((task_id, response, gold, grader, require_think, self.timeout))
+                except (BrokenPipeError, OSError):  # the worker died since the last round
+                    pending.appendleft(task_id)
+                    if worker.inflight:
+                        break  # its pipe reads EOF next: _receive fails its current answer and replaces it
+                    worker.kill()
+                    worker = self._workers[index] = _Worker(self._ctx)
+                    continue
                 if not worker.inflight:
                     worker.busy_since = time.monotonic()
-                worker.conn.send((task_id, response, gold, grader, require_think, self.timeout))
                 worker.inflight.append(task_id)
 
     def _receive(self, worker: _Worker, pending, results) -> int:

@@ -193,8 +193,8 @@ def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
     if cfg.shard_index is not None:
         _run_shard(cfg, backend)
         return None
-    run_config = check_run_config(cfg)
     problems = load_benchmarks(cfg.benchmarks, cfg.limit)
+    run_config = check_run_config(cfg)
     store = SampleStore(os.path.join(cfg.out, SAMPLES_FILE))
     with GradingPool(cfg.grade_workers, cfg.grade_timeout) as pool:
         absorb_shards(store, pool, cfg)
