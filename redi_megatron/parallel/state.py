@@ -35,6 +35,14 @@ class ParallelGroups:
         return 0 if group is None else dist.get_rank(group)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None, *,
                   rank: Optional[int] = None, world_size: Optional[int] = None, seed: int = 1234,
                   timeout_s: float = 600.0) -> ParallelGroups:
@@ -51,7 +59,11 @@ def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = No
         raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        if "MASTER_PORT" not in os.environ:
+            if world_size > 1:
+                raise ValueError("MASTER_PORT is not set: launch multi-process runs with torchrun "
+                                 "(or set MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)")
+            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
