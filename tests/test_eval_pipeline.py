@@ -221,3 +221,12 @@ def test_hf_backend_padding_and_seeding(tiny_model):
     sampled = [c.text for c in backend.generate(requests)]
     assert sampled == [c.text for c in backend.generate(requests)]  # same seeds, same samples
     assert sampled != [c.text for c in backend.generate([Request(r.key, r.prompt, r.seed + 1) for r in requests])]
+
+
+def test_vllm_backend_names_the_eval_extra_when_missing():
+    from redi_megatron.eval.backends import import_vllm, vllm_available
+
+    if vllm_available():
+        pytest.skip("vllm is installed here")
+    with pytest.raises(ImportError, match=r"redi-megatron\[eval\]"):
+        import_vllm()

@@ -23,7 +23,8 @@ _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.defa
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redi-eval", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="redi-eval",
+                                description="Sample, grade and report pass@1 on the paper's five math benchmarks.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
@@ -84,7 +85,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from redi_megatron.eval.runner import run_eval
 
         report = run_eval(cfg)
-    except ValueError as exc:
+    except (ValueError, ImportError) as exc:  # bad input, or the vLLM backend without vllm installed
         parser.exit(2, f"redi-eval: error: {exc}\n")
     from redi_megatron.eval.report import render_markdown
 
