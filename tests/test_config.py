@@ -201,3 +201,14 @@ def test_from_dict_and_to_dict():
     with pytest.raises(ValueError, match=r"ckpt/config.yaml: unknown key 'parallel.pp_size'"):
         from_dict({"parallel": {"pp_size": 2}}, source="ckpt/config.yaml")
     assert dataclasses.is_dataclass(cfg)
+
+
+def test_docs_reference_lists_every_schema_field():
+    """docs/training.md's configuration reference stays in sync with the schema."""
+    from redi_megatron.config.loader import _all_paths
+
+    docs = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "training.md")
+    text = open(docs, encoding="utf-8").read()
+    leaves = [p for p in _all_paths() if not any(q.startswith(p + ".") for q in _all_paths())]
+    missing = [p for p in leaves if f"| `{p}` |" not in text]
+    assert not missing, f"docs/training.md has no reference row for {missing}"
