@@ -212,3 +212,19 @@ def test_docs_reference_lists_every_schema_field():
     leaves = [p for p in _all_paths() if not any(q.startswith(p + ".") for q in _all_paths())]
     missing = [p for p in leaves if f"| `{p}` |" not in text]
     assert not missing, f"docs/training.md has no reference row for {missing}"
+
+
+def test_type_rules_for_annotations_the_schema_may_grow():
+    """Literal, list and tuple fields are checked too (none in the schema yet)."""
+    from typing import Literal, Optional
+
+    from redi_megatron.config.loader import _check
+
+    assert _check([1, 2], list[int], "x", "f") == [1, 2]
+    assert _check([1, 2], tuple[int, ...], "x", "f") == (1, 2)
+    assert _check([1, "a"], tuple[int, str], "x", "f") == (1, "a")
+    assert _check("full", Optional[Literal["full", "selective"]], "x", "f") == "full"
+    for value, tp, needle in ([1, "a"], list[int], "'x[1]' must be int"), ((1,), tuple[int, str], "2 items"), \
+            ("half", Literal["full"], "must be one of ['full']"), (3, list[int], "must be a list"):
+        with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+            _check(value, tp, "x", "f")

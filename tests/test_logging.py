@@ -1,7 +1,6 @@
 """MetricsLogger: console line, JSONL (resume-safe), TensorBoard, W&B (faked), progress bar."""
 import io
 import json
-import os
 import sys
 import types
 

@@ -28,7 +28,7 @@ import re
 import tempfile
 import types
 import typing
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 
 import yaml
 
@@ -149,39 +149,13 @@ def _check(value: Any, tp: Any, where: str, source: str) -> Any:
                              f"({', '.join(_field_names(tp))}), got {value!r}")
         return _check_section(value, tp, where + ".", source)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise _type_error(value, tp, where, source)
-        options = [a for a in args if a is not type(None)]
-        for arg in options:
-            try:
-                return _check(value, arg, where, source)
-            except ValueError:
-                if len(options) == 1 and not _is_scalar(arg):
-                    raise  # the nested error names the exact key
-        raise _type_error(value, tp, where, source)
+        return _check_union(value, tp, where, source)
     if origin is Literal:
         if value not in typing.get_args(tp):
             raise ValueError(f"{source}: '{where}' must be one of {list(typing.get_args(tp))}, got {value!r}")
         return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise _type_error(value, tp, where, source, " (use true or false)")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _type_error(value, tp, where, source)
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _type_error(value, tp, where, source)
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise _type_error(value, tp, where, source, " (quote it to make it a string)")
-        return value
+    if tp in (bool, int, float, str):
+        return _check_scalar(value, tp, where, source)
     if tp is dict or origin is dict:
         if not isinstance(value, Mapping):
             raise _type_error(value, "a mapping", where, source)
@@ -189,16 +163,49 @@ def _check(value: Any, tp: Any, where: str, source: str) -> Any:
         return {_check(k, key_tp, f"{where} key", source): _check(v, val_tp, f"{where}.{k}", source)
                 for k, v in value.items()}
     if tp in (list, tuple) or origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(value, "a list", where, source)
-        args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
-        if origin is tuple and len(args) > 1:
-            if len(args) != len(value):
-                raise ValueError(f"{source}: '{where}' must have {len(args)} items, got {value!r}")
-            return tuple(_check(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-        items = [_check(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
-        return tuple(items) if (tp is tuple or origin is tuple) else items
+        return _check_sequence(value, tp, where, source)
     raise AssertionError(f"schema field '{where}' has an annotation the loader does not handle: {tp!r}")
+
+
+def _check_union(value: Any, tp: Any, where: str, source: str) -> Any:
+    args = typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise _type_error(value, tp, where, source)
+    options = [a for a in args if a is not type(None)]
+    for arg in options:
+        try:
+            return _check(value, arg, where, source)
+        except ValueError:
+            if len(options) == 1 and not _is_scalar(arg):
+                raise  # the nested error names the exact key
+    raise _type_error(value, tp, where, source)
+
+
+def _check_scalar(value: Any, tp: type, where: str, source: str) -> Any:
+    # bool is an int subclass in Python; YAML true/false must not pass as 1/0 (or the reverse).
+    ok = {bool: isinstance(value, bool),
+          int: isinstance(value, int) and not isinstance(value, bool),
+          float: isinstance(value, (int, float)) and not isinstance(value, bool),
+          str: isinstance(value, str)}[tp]
+    if not ok:
+        hint = {bool: " (use true or false)", str: " (quote it to make it a string)"}.get(tp, "")
+        raise _type_error(value, tp, where, source, hint)
+    return float(value) if tp is float else value
+
+
+def _check_sequence(value: Any, tp: Any, where: str, source: str) -> Any:
+    if not isinstance(value, (list, tuple)):
+        raise _type_error(value, "a list", where, source)
+    is_tuple = tp is tuple or typing.get_origin(tp) is tuple
+    args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
+    if is_tuple and len(args) > 1:  # fixed-length tuple[X, Y]
+        if len(args) != len(value):
+            raise ValueError(f"{source}: '{where}' must have {len(args)} items, got {value!r}")
+        return tuple(_check(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
+    items = [_check(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
+    return tuple(items) if is_tuple else items
 
 
 def _check_choice(path: str, value: Any, source: str) -> None:
@@ -375,9 +382,18 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     return apply_overrides(_build(RunConfig, _load_tree(path)), overrides)
 
 
+def _plain(value: Any) -> Any:
+    """Tuples -> lists, recursively (safe YAML has no tuple type; the loader converts back)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def dump_yaml(cfg: RunConfig) -> str:
     """The fully resolved config as YAML text (every field, defaults included)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False, allow_unicode=True)
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False, default_flow_style=False, allow_unicode=True)
 
 
 def save_resolved(cfg: RunConfig, path: str) -> str:
