@@ -84,7 +84,7 @@ def _impl(name: str, chunk_size: int):
     from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 
     if name in ("ours", "ours_inplace"):
-        return lambda x, t: vocab_parallel_logprobs(x, t, chunk_size=chunk_size,
+        return lambda x, t: vocab_parallel_logprobs(x, t, chunk_size=chunk_size or None,
                                                     inplace_backward=name == "ours_inplace", validate=False)
     if name == "naive":
         return lambda x, t: torch.log_softmax(x.float(), -1).gather(-1, t[:, None]).squeeze(-1)
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--impls", default=",".join(IMPLS))
     p.add_argument("--dtypes", default=",".join(DTYPES))
-    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--chunk-size", type=int, default=0, help="tokens per chunk (0 = the library default)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--device", default="cuda" if _cuda() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
@@ -171,7 +171,10 @@ def main(argv=None) -> None:
 
     from tqdm import tqdm
 
-    print(f"device={args.device} S={args.seq_len} V={args.vocab} chunk={args.chunk_size} "
+    from redi_megatron.parallel.logprobs import default_chunk_size
+
+    chunk = args.chunk_size or default_chunk_size(args.vocab)
+    print(f"device={args.device} S={args.seq_len} V={args.vocab} chunk={chunk} "
           f"threads={args.threads or 'default'} repeats={args.repeats} (time = best of repeats)")
     runs = [(d, i) for d in args.dtypes.split(",") for i in impls]
     results = {}

@@ -174,3 +174,105 @@ def test_loss_func_tp2_cp2_dp2_matches_reference():
 def _groups() -> ParallelGroups:
     from redi_megatron.parallel.state import groups
     return groups()
+
+
+def _single() -> ParallelGroups:
+    return ParallelGroups(None, None, None, None, None)
+
+
+def test_redi_pair_split_over_microbatches_equals_together():
+    """REDI is separable per sequence: a pair whose sides sit in two microbatches gives the same step."""
+    from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, SequenceSpec, build_microbatch
+
+    g = torch.Generator().manual_seed(5)
+    seqs = [SequenceSpec(torch.randint(1, VOCAB, (n,), generator=g).numpy(), 2, role, sample)
+            for n, role, sample in ((9, ROLE_CHOSEN, 0), (12, ROLE_REJECTED, 0), (7, ROLE_CHOSEN, 1),
+                                    (14, ROLE_REJECTED, 1))]
+    seq_logits = [torch.randn(s.length, VOCAB, generator=g) for s in seqs]
+    spec = get_loss("redi")
+    hp = spec.make_hparams({"alpha": 0.7, "neg_weighting_gamma": 0.4})
+
+    def step(layout: list[list[list[int]]]):
+        """Loss and per-sequence logits gradients; each sequence carries the same logits in any layout."""
+        total, norm, leaves, where = 0.0, 0, [], []
+        for rows in layout:
+            mb = build_microbatch([[seqs[i] for i in row] for row in rows], 32, pad_id=0)
+            logits = torch.zeros(*mb.labels.shape, VOCAB)
+            order = [i for row in rows for i in row]
+            for n, i in enumerate(order):
+                logits[mb.seq_ids == n] = seq_logits[i]
+            leaf = logits.requires_grad_()
+            loss_sum, count, _ = make_loss_func(spec, hp, mb, _single())(leaf * 1)
+            total, norm = total + loss_sum, norm + int(count)
+            leaves.append(leaf)
+            where.append((mb, order))
+        (total / norm).backward()
+        grads = {}
+        for leaf, (mb, order) in zip(leaves, where):
+            for n, i in enumerate(order):
+                grads[i] = leaf.grad[mb.seq_ids == n]
+        return float(total.detach()) / norm, norm, grads
+
+    loss_a, norm_a, grads_a = step([[[0, 1], [2, 3]]])
+    loss_b, norm_b, grads_b = step([[[0], [2, 3]], [[1]]])
+    assert norm_a == norm_b == 2
+    assert isclose(loss_a, loss_b)
+    for i in range(4):
+        assert torch.allclose(grads_a[i], grads_b[i], atol=1e-7), i
+    with pytest.raises(ValueError, match="same microbatch"):   # DPO/SimPO refuse such a layout
+        simpo = get_loss("simpo")
+        make_loss_func(simpo, simpo.make_hparams({}), build_microbatch([[seqs[1]]], 32, pad_id=0), _single())
+
+
+def test_make_loss_func_rejects_bad_microbatches():
+    import dataclasses
+
+    redi, dpo, sft = get_loss("redi"), get_loss("dpo"), get_loss("sft")
+    mb = make_microbatch(9, "pairs", "packed")
+    with pytest.raises(ValueError, match="num_loss_tokens disagrees"):
+        make_loss_func(redi, redi.make_hparams({}), dataclasses.replace(mb, num_loss_tokens=mb.num_loss_tokens + 1),
+                       _single())
+    with pytest.raises(ValueError, match="empty completion"):
+        empty = dataclasses.replace(mb, loss_mask=mb.loss_mask * (mb.seq_ids != 0),
+                                    num_loss_tokens=mb.num_loss_tokens * (torch.arange(4) != 0))
+        make_loss_func(redi, redi.make_hparams({}), empty, _single())
+    with pytest.raises(ValueError, match="ref_logps"):
+        make_loss_func(dpo, dpo.make_hparams({}), mb, _single())
+    with pytest.raises(ValueError, match="accepts roles"):
+        make_loss_func(sft, sft.make_hparams({}), mb, _single())
+    with pytest.raises(ValueError, match="same microbatch"):
+        lonely = dataclasses.replace(make_microbatch(9, "pairs", "packed", with_ref=True),
+                                     pair_ids=torch.tensor([0, 0, 1, 2]))
+        make_loss_func(dpo, dpo.make_hparams({}), lonely, _single())
+    with pytest.raises(ValueError, match="hparams must be a RediConfig"):
+        make_loss_func(redi, dpo.make_hparams({}), mb, _single())
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        make_loss_func(redi, redi.make_hparams({}), mb, _single(), vocab_size=8)
+    loss_func = make_loss_func(redi, redi.make_hparams({}), mb, _single())
+    with pytest.raises(ValueError, match="do not match this CP rank's labels"):
+        loss_func(torch.zeros(2, 31, VOCAB))
+
+
+def test_sequence_logps_func_for_the_dpo_reference_pass():
+    from redi_megatron.parallel.loss_scaling import make_sequence_logps_func
+    from test_losses_support import ref_sequence_logps, ref_token_logps
+
+    mb = make_microbatch(12, "pairs", "padded")
+    logits = make_logits(12, mb, BF16)
+    _, norm, out = make_sequence_logps_func(mb, _single())(logits)
+    expect = ref_sequence_logps(ref_token_logps(logits, mb.labels) * mb.loss_mask, mb)
+    assert int(norm) == 0 and torch.equal(out["sample_ids"], mb.sample_ids)
+    assert torch.allclose(out["seq_logps"], torch.stack(expect), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["sft", "redi", "dpo", "simpo"])
+def test_empty_microbatch_contributes_nothing(name):
+    from redi_megatron.data.batch import build_microbatch
+
+    spec = get_loss(name)
+    mb = build_microbatch([[], []], 32, pad_id=0, with_ref_logps=name == "dpo")
+    leaf = torch.randn(2, 32, VOCAB, requires_grad=True)
+    loss_sum, norm, metrics = make_loss_func(spec, spec.make_hparams({}), mb, _single())(leaf * 1)
+    loss_sum.backward()
+    assert float(loss_sum) == 0 and int(norm) == 0 and not leaf.grad.any()
+    assert reduce_step_metrics([metrics], _single())[("num_tokens" if name == "sft" else "num_pairs")] == 0

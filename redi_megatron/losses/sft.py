@@ -34,9 +34,9 @@ def sft_loss(token_logps: torch.Tensor, loss_mask: torch.Tensor) -> tuple[torch.
 def _compute(inputs: LossInputs, hparams: SFTConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     nll, m = sft_loss(inputs.token_logps, inputs.loss_mask)
     loss_sum = nll.sum()
-    # Token metrics are local sums: adding them over context-parallel ranks gives the full count.
-    return loss_sum, {"nll_per_token": torch.stack([m["nll_sum"], m["num_tokens"]]),
-                      "num_tokens": m["num_tokens"]}
+    # A local sum: adding it over context-parallel ranks gives the full count. The trainer adds
+    # "loss" = [loss_sum, normaliser], which for SFT is the mean NLL per token.
+    return loss_sum, {"num_tokens": m["num_tokens"]}
 
 
 SFT = register_loss(LossSpec(

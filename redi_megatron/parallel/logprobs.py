@@ -26,7 +26,13 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-DEFAULT_CHUNK_SIZE = 512
+# Default chunk: this many logits per fp32 workspace (32 MiB), i.e. ~55 tokens at V = 151,936.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def default_chunk_size(local_vocab: int) -> int:
+    """Tokens per chunk for a vocabulary shard of ``local_vocab`` columns."""
+    return max(1, CHUNK_ELEMENTS // max(1, local_vocab))
 
 
 def _group_size_rank(group: Optional[dist.ProcessGroup]) -> tuple[int, int]:
@@ -114,7 +120,7 @@ class _VocabParallelLogprobs(torch.autograd.Function):
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
                             tp_group: Optional[dist.ProcessGroup] = None, *,
-                            chunk_size: int = DEFAULT_CHUNK_SIZE, inplace_backward: bool = False,
+                            chunk_size: Optional[int] = None, inplace_backward: bool = False,
                             validate: bool = True) -> torch.Tensor:
     """Log-prob of each target under vocabulary-parallel logits; exact, differentiable, fp32.
 
@@ -122,7 +128,8 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
         batch-first ``[B, S, V/TP]``); this rank's slice of the vocabulary.
     targets: ``[...]`` (the leading shape of ``logits``) global token ids in ``[0, V)``.
     tp_group: the tensor-parallel group the vocabulary is split over; None or size 1 = single device.
-    chunk_size: tokens per chunk; the fp32 workspace is ``[chunk_size, V/TP]``.
+    chunk_size: tokens per chunk; the fp32 workspace is ``[chunk_size, V/TP]``. None: as many tokens as
+        fit ``CHUNK_ELEMENTS`` logits (32 MiB of fp32).
     inplace_backward: write the gradient into ``logits``' storage (saves a logits-sized buffer; only when
         nothing else uses the logits after this call).
     validate: check ``targets`` range (one device synchronisation).
@@ -137,9 +144,10 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
         raise ValueError(f"vocab_parallel_logprobs: logits must be floating point, got {logits.dtype}")
     if targets.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise ValueError(f"vocab_parallel_logprobs: targets must be integer token ids, got {targets.dtype}")
+    local_vocab = logits.shape[-1]
+    chunk_size = default_chunk_size(local_vocab) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"vocab_parallel_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    local_vocab = logits.shape[-1]
     vocab = local_vocab * _group_size_rank(tp_group)[0]
     if validate and targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
         bad = targets[(targets < 0) | (targets >= vocab)]

@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec
 from redi_megatron.parallel.context import split_for_cp
-from redi_megatron.parallel.logprobs import DEFAULT_CHUNK_SIZE, vocab_parallel_logprobs
+from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 from redi_megatron.parallel.reductions import sequence_sums, sequence_sums_over_cp
 from redi_megatron.parallel.state import ParallelGroups
 
@@ -164,7 +164,7 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
         ref_logps=None if ref is None else ref.float())
 
 
-def _token_logps(p: _Prepared, logits: torch.Tensor, groups: ParallelGroups, chunk_size: int,
+def _token_logps(p: _Prepared, logits: torch.Tensor, groups: ParallelGroups, chunk_size: Optional[int],
                  inplace_backward: bool, vocab_checked: bool) -> torch.Tensor:
     if tuple(logits.shape[:2]) != tuple(p.labels.shape):
         raise ValueError(f"loss_func: logits {tuple(logits.shape)} do not match this CP rank's labels "
@@ -176,7 +176,7 @@ def _token_logps(p: _Prepared, logits: torch.Tensor, groups: ParallelGroups, chu
 
 
 def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: ParallelGroups, *,
-                   chunk_size: int = DEFAULT_CHUNK_SIZE, vocab_size: Optional[int] = None,
+                   chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
                    inplace_backward: bool = True) -> LossFunc:
     """Build Megatron's ``loss_func`` for one microbatch (call it in ``forward_step``).
 
@@ -219,7 +219,7 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
 
 
 def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
-                             chunk_size: int = DEFAULT_CHUNK_SIZE) -> LossFunc:
+                             chunk_size: Optional[int] = None) -> LossFunc:
     """``loss_func`` for a forward-only pass that records whole-sequence log-probs (DPO reference pass).
 
     Returns ``(0, 0, {"seq_logps": [N], "sample_ids": [N]})``; ``seq_logps`` is reduced over CP, so any

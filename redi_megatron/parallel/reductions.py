@@ -52,8 +52,9 @@ def sequence_sums(values: torch.Tensor, seq_ids: torch.Tensor, num_sequences: in
     flat_ids = seq_ids.reshape(-1).long()
     valid = flat_ids >= 0
     flat_vals = torch.where(valid, values.reshape(-1), torch.zeros((), dtype=values.dtype, device=values.device))
-    out = torch.zeros(num_sequences, dtype=values.dtype, device=values.device)
-    return out.index_add(0, torch.where(valid, flat_ids, torch.zeros_like(flat_ids)), flat_vals)
+    # One spare slot so an empty microbatch (N = 0) still has somewhere to put its zeros.
+    out = torch.zeros(max(num_sequences, 1), dtype=values.dtype, device=values.device)
+    return out.index_add(0, torch.where(valid, flat_ids, torch.zeros_like(flat_ids)), flat_vals)[:num_sequences]
 
 
 def sequence_sums_over_cp(values: torch.Tensor, seq_ids: torch.Tensor, num_sequences: int,
