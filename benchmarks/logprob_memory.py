@@ -136,7 +136,8 @@ def _run_worker(impl: str, dtype: str, args, path: str, port: int) -> dict:
 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--impl", impl, "--dtype", dtype,
            "--seq-len", str(args.seq_len), "--vocab", str(args.vocab), "--chunk-size", str(args.chunk_size),
-           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads), "--result", path, "--port", str(port)]
+           "--repeats", str(args.repeats), "--device", args.device, "--threads", str(args.threads),
+           "--result", path, "--port", str(port)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
     subprocess.run(cmd, check=True, env=env)
     return torch.load(path)

@@ -85,8 +85,8 @@ def ref_loss(name: str, hp, logits: torch.Tensor, mb) -> tuple[torch.Tensor, flo
             total = total - F.logsigmoid(hp.beta * delta)
         elif name == "simpo":
             total = total - F.logsigmoid(hp.beta * (cn - rn) - hp.gamma)
-        acc += float(cn > rn)
-        margin += float(cn - rn)
+        acc += float((cn > rn).detach())
+        margin += float((cn - rn).detach())
     return total, float(len(pairs)), {"accuracy": acc, "margin": margin}
 
 

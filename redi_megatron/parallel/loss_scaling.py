@@ -130,6 +130,21 @@ def _pair_indices(mb: Any, roles: torch.Tensor, pair_ids: torch.Tensor, together
     return as_index("chosen"), as_index("rejected")
 
 
+def _check_sequence_fields(mb: Any, roles, lengths, loss_mask, seq_ids, roles_allowed, loss_name: str) -> None:
+    if roles_allowed is not None:
+        bad = ~torch.isin(roles, torch.tensor(roles_allowed, device=roles.device))
+        if bool(bad.any()):
+            raise ValueError(f"microbatch: loss {loss_name!r} accepts roles {list(roles_allowed)}, but samples "
+                             f"{_sample_list(mb, bad)} have roles {roles[bad].unique().tolist()}")
+    if bool((lengths < 1).any()):
+        raise ValueError(f"microbatch: samples {_sample_list(mb, lengths < 1)} have an empty completion "
+                         "(num_loss_tokens == 0)")
+    counted = sequence_sums(loss_mask.float(), seq_ids.long(), roles.numel())
+    if not torch.equal(counted, lengths.float()):
+        raise ValueError(f"microbatch: num_loss_tokens disagrees with loss_mask for samples "
+                         f"{_sample_list(mb, counted != lengths.float())}")
+
+
 def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[int, ...]], per_sequence: bool,
              together: bool, needs_reference: bool, loss_name: str) -> _Prepared:
     labels, loss_mask, seq_ids = _field(mb, "labels"), _field(mb, "loss_mask"), _field(mb, "seq_ids")
@@ -140,22 +155,12 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
         raise ValueError(f"microbatch: roles, pair_ids and num_loss_tokens must all be [N], got "
                          f"{tuple(roles.shape)}, {tuple(pair_ids.shape)}, {tuple(lengths.shape)}")
     _check_token_fields(mb, labels, loss_mask, seq_ids, n)
-    if roles_allowed is not None and bool((~torch.isin(roles, torch.tensor(roles_allowed, device=roles.device))).any()):
-        bad = ~torch.isin(roles, torch.tensor(roles_allowed, device=roles.device))
-        raise ValueError(f"microbatch: loss {loss_name!r} accepts roles {list(roles_allowed)}, but samples "
-                         f"{_sample_list(mb, bad)} have roles {roles[bad].unique().tolist()}")
-    counted = sequence_sums(loss_mask.float(), seq_ids.long(), n)
-    if bool((lengths < 1).any()):
-        raise ValueError(f"microbatch: samples {_sample_list(mb, lengths < 1)} have an empty completion "
-                         "(num_loss_tokens == 0)")
-    if not torch.equal(counted, lengths.float()):
-        raise ValueError(f"microbatch: num_loss_tokens disagrees with loss_mask for samples "
-                         f"{_sample_list(mb, counted != lengths.float())}")
+    _check_sequence_fields(mb, roles, lengths, loss_mask, seq_ids, roles_allowed, loss_name)
     ref = _field(mb, "ref_logps", required=needs_reference)
     if needs_reference and ref.shape != roles.shape:
         raise ValueError(f"microbatch: ref_logps must be [N]={n}, got {tuple(ref.shape)}")
-    chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_sequence else (
-        torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    no_pairs = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
+    chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_sequence else no_pairs
     return _Prepared(
         labels=split_for_cp(labels, groups.cp).long(), loss_mask=split_for_cp(loss_mask, groups.cp).float(),
         seq_ids=split_for_cp(seq_ids, groups.cp).long(), num_sequences=n, seq_lengths=lengths.float(),
@@ -189,7 +194,8 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     with ``calculate_per_token_loss=True`` (module docstring).
     """
     if not isinstance(hparams, spec.config_cls):
-        raise ValueError(f"loss {spec.name!r}: hparams must be a {spec.config_cls.__name__}, got {type(hparams).__name__}")
+        raise ValueError(f"loss {spec.name!r}: hparams must be a {spec.config_cls.__name__}, "
+                         f"got {type(hparams).__name__}")
     p = _prepare(microbatch, groups, roles_allowed=spec.roles, per_sequence=spec.per_sequence,
                  together=spec.needs_pairs_together, needs_reference=spec.needs_reference, loss_name=spec.name)
     if vocab_size is not None and bool(((p.labels < 0) | (p.labels >= vocab_size)).any()):
