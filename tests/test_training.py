@@ -65,7 +65,8 @@ def test_sft_learns_and_redi_chains_from_its_checkpoint(data, tmp_path):
     assert os.path.isfile(os.path.join(sft_ckpt, "config.yaml"))
     assert os.path.isdir(os.path.join(sft_ckpt, "optimizer"))
 
-    redi = _cfg(data, tmp_path / "redi", loss="redi", checkpoint__init_from=sft_ckpt, optimizer__lr=1e-3,
+    # A run directory means its newest checkpoint.
+    redi = _cfg(data, tmp_path / "redi", loss="redi", checkpoint__init_from=str(tmp_path / "sft"), optimizer__lr=1e-3,
                 parallel__tp=2, train__max_steps=2)
     redi.model = type(redi.model)()  # architecture must come from the checkpoint, not the recipe
     redi.data.tokenizer = ""          # and so does the tokenizer
@@ -109,9 +110,19 @@ def test_kill_and_resume_continues_exactly(data, tmp_path):
 def test_bad_config_fails_fast(data, tmp_path, override, message):
     from redi_megatron.training.components import validate
 
-    cfg = _cfg(data, tmp_path / "bad", **override)
-    with pytest.raises(ValueError, match=message):
-        validate(cfg, world_size=3 if "parallel__tp" in override else 1)
+    with pytest.raises(ValueError, match=message):  # from the loader or from validate()
+        validate(_cfg(data, tmp_path / "bad", **override), world_size=3 if "parallel__tp" in override else 1)
+
+
+def test_samples_over_the_length_limits_are_an_error(data, tmp_path):
+    from redi_megatron.losses import registry
+    from redi_megatron.parallel.state import ParallelGroups
+    from redi_megatron.training.components import build_data
+
+    cfg = _cfg(data, tmp_path / "len", loss="redi", data__max_completion_tokens=150)
+    none = ParallelGroups(None, None, None, None, None)
+    with pytest.raises(ValueError, match="completion longer than data.max_completion_tokens=150"):
+        build_data(cfg, registry.get_loss("redi"), data["tokenizer"], none)
 
 
 def test_fp8_without_transformer_engine_is_a_clear_error(data, tmp_path):

@@ -22,6 +22,13 @@ Redirects (each applies only to calls made *from megatron's own source files*, s
    checks those strings (``optimizer/distrib_optimizer.py``) and refuses CPU params otherwise; with the
    check satisfied its results are bitwise those of plain Adam (see tests/test_cpu_compat.py).
 
+6. Reloading the distributed optimizer (``fully_reshardable`` format) with torch's Adam (the fallback
+   without apex/TE) fails: ``_set_main_param_and_optimizer_states`` copies every per-parameter state
+   key, and torch Adam's ``step`` is stored separately (param groups). Worse, the load gives every
+   parameter the *same* ``step`` tensor, which torch Adam then increments in place once per parameter,
+   so bias correction goes wrong from the second step after a resume. The wrapper gives each
+   parameter its own copy of the restored ``step`` and makes the copy Megatron attempts a no-op.
+
 Not redirects, but CPU substitutes chosen by the layer spec (``redi_megatron.models.layer_specs``):
 - local ``DotProductAttention`` refuses context parallelism (TE-only), so CPU uses
   ``redi_megatron.models.cpu_attention.CPUCoreAttention`` (all-gathers K/V over the CP group, undoes the
@@ -134,6 +141,25 @@ def _cpu_set_rng_state(state: torch.Tensor, *args, **kwargs) -> None:
     torch.set_rng_state(state)
 
 
+def _patch_optimizer_step_state() -> None:
+    """Redirect 6: keep torch Adam's per-parameter ``step`` when reloading optimizer state."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()  # de-alias (see redirect 6)
+                tensors = {**tensors, "step": state["step"]}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
 def activate() -> bool:
     """Install the redirects if CUDA is absent. Idempotent. Returns whether they are active."""
     global _ACTIVE
@@ -153,6 +179,7 @@ def activate() -> bool:
 
     mp_random._get_cuda_rng_state = lambda *a, **k: torch.get_rng_state()
     mp_random._set_cuda_rng_state = _cpu_set_rng_state
+    _patch_optimizer_step_state()
     _CudaToCpuMode().__enter__()  # stays on for the life of the process
     _ACTIVE = True
     return True

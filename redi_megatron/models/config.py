@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 FAMILIES = ("qwen2", "llama")
+FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # train.fp8 -> Megatron's fp8_recipe
 
 
 @dataclass
@@ -116,5 +117,6 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: t
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         recompute_granularity=recompute, recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
-        fp8=fp8, fp8_recipe="delayed" if fp8 else None,
+        # train.fp8 names the scaling recipe; the FP8 *format* is hybrid (E4M3 forward, E5M2 backward).
+        fp8="hybrid" if fp8 else None, fp8_recipe=FP8_RECIPES[fp8] if fp8 else None,
     )

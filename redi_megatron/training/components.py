@@ -33,22 +33,38 @@ class Components:
     use_te: bool
 
 
+def resolve_init_checkpoint(path: str) -> str:
+    """``checkpoint.init_from`` as a model checkpoint directory: a checkpoint itself, or a run directory
+    (the previous stage's ``save_dir``), which means its newest complete checkpoint."""
+    from redi_megatron.training.checkpointing import checkpoints_dir, latest_checkpoint
+
+    if not os.path.isdir(path):
+        raise ValueError(f"checkpoint.init_from: {path!r} is not a directory")
+    if os.path.isfile(os.path.join(path, "model_config.json")):
+        return path
+    if checkpoints_dir(path).is_dir():
+        newest = latest_checkpoint(path)
+        if newest is None:
+            raise ValueError(f"checkpoint.init_from: run directory {path!r} has no complete checkpoint")
+        return str(newest)
+    raise ValueError(f"checkpoint.init_from: {path!r} is neither a model checkpoint (model_config.json) "
+                     f"nor a run directory (checkpoints/)")
+
+
 def resolve_model_config(cfg: RunConfig) -> ModelConfig:
     """The architecture: from ``checkpoint.init_from`` when given (the checkpoint decides), else ``model``."""
     if not cfg.checkpoint.init_from:
         return cfg.model
     from redi_megatron.models.checkpoint import read_model_config
 
-    if not os.path.isdir(cfg.checkpoint.init_from):
-        raise ValueError(f"checkpoint.init_from: {cfg.checkpoint.init_from!r} is not a directory")
-    return read_model_config(cfg.checkpoint.init_from)
+    return read_model_config(resolve_init_checkpoint(cfg.checkpoint.init_from))
 
 
 def resolve_tokenizer_dir(cfg: RunConfig) -> str:
     if cfg.data.tokenizer:
         path = cfg.data.tokenizer
     elif cfg.checkpoint.init_from:
-        path = os.path.join(cfg.checkpoint.init_from, "tokenizer")
+        path = os.path.join(resolve_init_checkpoint(cfg.checkpoint.init_from), "tokenizer")
     else:
         raise ValueError("data.tokenizer is empty and checkpoint.init_from has no tokenizer/: set one")
     if not os.path.isdir(path):
@@ -100,10 +116,28 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         # The interleaved (VPP) schedule exchanges no shapes: every microbatch of a step has one length.
         row_shape="step" if cfg.parallel.vpp is not None else "trim",
         seed=cfg.data.seed)
+    check_lengths(dataset, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = PackedStepSampler(dataset, packing, ParallelGroups.rank(groups.dp),
                                 ParallelGroups.size(groups.dp), pad_id=pad_id)
     return dataset, sampler
+
+
+def check_lengths(dataset, cfg: RunConfig) -> None:
+    """``data.max_prompt_tokens`` / ``max_completion_tokens`` are limits the curated data must respect;
+    training neither truncates nor drops, so a violation is an error naming the samples."""
+    import numpy as np
+
+    lengths = np.asarray(dataset.seq_lengths())
+    completion = np.asarray(dataset.loss_token_counts())
+    prompt = lengths - completion
+    for what, values, limit in (("prompt", prompt, cfg.data.max_prompt_tokens),
+                                ("completion", completion, cfg.data.max_completion_tokens)):
+        bad = np.nonzero((values > limit).any(axis=1))[0]
+        if bad.size:
+            raise ValueError(f"{cfg.data.train_path}: {bad.size} sample(s) have a {what} longer than "
+                             f"data.max_{what}_tokens={limit}, e.g. sample ids {bad[:10].tolist()} "
+                             f"({what} tokens {values[bad[0]].tolist()}); curate with that limit or raise it")
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:

@@ -12,7 +12,8 @@ from redi_megatron.config.schema import RunConfig
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.training import checkpointing as ckpt
 from redi_megatron.training.components import (Components, build_data, build_model_and_optimizer,
-                                               resolve_tokenizer_dir, total_steps, validate, with_model)
+                                               resolve_init_checkpoint, resolve_tokenizer_dir, total_steps,
+                                               validate, with_model)
 
 
 def _init_groups(cfg: RunConfig):
@@ -53,7 +54,7 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
     if resume_from is not None:
         state = ckpt.load_training_checkpoint(c, resume_from)
     elif cfg.checkpoint.init_from:
-        load_model_checkpoint(chunks, cfg.checkpoint.init_from)
+        load_model_checkpoint(chunks, resolve_init_checkpoint(cfg.checkpoint.init_from))
     else:
         from redi_megatron.models.init import init_by_name
 
@@ -101,7 +102,8 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
         for step in range(start + 1, c.total_steps + 1):
             metrics = train_step(c, c.sampler.next_step())
             history.append(metrics)
-            logger.log_step(step, metrics, tokens=int(metrics["tokens"]))
+            # The step's own time, so checkpoint saves and the reference pass do not count as training.
+            logger.log_step(step, metrics, tokens=int(metrics["tokens"]), step_time=metrics["step_seconds"])
             verdict = monitor.update(step, metrics)
             if verdict.action != "none":
                 logger.message(verdict.message)
