@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -48,8 +51,8 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if not sep or not value:
             raise ValueError(f"--override {item!r}: expected FIELD=VALUE")
         if key not in OVERRIDABLE:
-            raise ValueError(f"--override {key}: not an overridable field (allowed: {', '.join(OVERRIDABLE)}; "
-                             f"others would change tensor shapes)")
+            raise ValueError(f"--override {key}: not an overridable field (allowed: "
+                             f"{', '.join(OVERRIDABLE)}; others would change tensor shapes)")
         kind = types[key]
         try:
             out[key] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
@@ -123,12 +126,82 @@ def hf_config_for_export(cfg: ModelConfig, dtype: torch.dtype, source: Optional[
 # safetensors
 # ---------------------------------------------------------------------------------------------------
 
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+              "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+              "F8_E5M2": torch.float8_e5m2}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int                          # absolute byte offset in the file
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
+    view, done = memoryview(buf.numpy()).cast("B"), 0
+    while done < len(view):  # Linux returns at most ~2 GiB per call
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            raise ValueError(f"unexpected end of file at byte {offset + done}")
+        done += n
+
+
+class _SafetensorsFile:
+    """One .safetensors file read with ``pread`` (not mmap: the pages then do not count as this
+    process's memory, and only the requested bytes are read)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        self.fd = os.open(path, os.O_RDONLY)
+        head = os.pread(self.fd, 8, 0)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+        try:
+            header = json.loads(os.pread(self.fd, n, 8))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: unreadable safetensors header: {e}") from e
+        self.entries: dict[str, _Entry] = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape = _ST_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
+                begin, end = (int(x) for x in info["data_offsets"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise ValueError(f"{path}: bad header entry for tensor {name!r}: {info!r}") from e
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            if end - begin != nbytes or 8 + n + end > size:
+                raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes at [{begin}, {end}), "
+                                 f"its shape {list(shape)} needs {nbytes} (truncated or corrupt file?)")
+            self.entries[name] = _Entry(dtype, shape, 8 + n + begin)
+
+    def read(self, name: str, dim: Optional[int], start: int, stop: Optional[int]) -> torch.Tensor:
+        e = self.entries[name]
+        if dim not in (None, 0):
+            return self.read(name, None, 0, None).narrow(dim, start, (stop or e.shape[dim]) - start).clone()
+        rows = e.shape[0] if e.shape else 1
+        start, stop = (0, rows) if dim is None else (start, rows if stop is None else stop)
+        assert 0 <= start <= stop <= rows, (name, start, stop, e.shape)
+        itemsize = torch.tensor([], dtype=e.dtype).element_size()
+        row_bytes = math.prod(e.shape[1:]) * itemsize
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        _pread_into(self.fd, buf, e.offset + start * row_bytes)
+        shape = e.shape if dim is None else (stop - start, *e.shape[1:])
+        return buf.view(e.dtype).reshape(shape)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class SafetensorsReader:
     """Tensors of an HF directory (one file or an index of shards), read lazily, slice by slice."""
 
     def __init__(self, hf_dir: str | Path):
-        from safetensors import safe_open
-
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
@@ -142,39 +215,41 @@ class SafetensorsReader:
                 raise ValueError(f"{self.dir} has no *.safetensors files (PyTorch .bin checkpoints are "
                                  f"not supported: re-save with save_pretrained(safe_serialization=True))")
             weight_map = None
-        self._handles = {}
+        self._files: dict[str, _SafetensorsFile] = {}
         self.file_of: dict[str, str] = {}
         for name in files:
             if not (self.dir / name).is_file():
                 raise ValueError(f"{index}: refers to missing shard {name}")
-            handle = safe_open(str(self.dir / name), framework="pt")
-            self._handles[name] = handle
-            for key in handle.keys():
+            self._files[name] = _SafetensorsFile(self.dir / name)
+            for key in self._files[name].entries:
                 if key in self.file_of:
                     raise ValueError(f"tensor {key!r} appears in both {self.file_of[key]} and {name}")
                 self.file_of[key] = name
         if weight_map is not None:
-            missing = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
-            if missing:
-                raise ValueError(f"{index}: tensor {missing[0]!r} is not in {weight_map[missing[0]]}")
+            wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
+            if wrong:
+                raise ValueError(f"{index}: tensor {wrong[0]!r} is not in {weight_map[wrong[0]]}")
 
     def names(self) -> set[str]:
         return set(self.file_of)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._handles[self.file_of[name]].get_slice(name).get_shape())
+        return self._files[self.file_of[name]].entries[name].shape
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._files[self.file_of[name]].entries[name].dtype
 
     def where(self, name: str) -> str:
         return str(self.dir / self.file_of[name])
 
     def read(self, name: str, dim: Optional[int] = None, start: int = 0, stop: Optional[int] = None
              ) -> torch.Tensor:
-        """The tensor, or rows/columns ``[start, stop)`` of it along ``dim`` (only those are read)."""
-        handle = self._handles[self.file_of[name]]
-        if dim is None:
-            return handle.get_tensor(name)
-        index = (slice(None),) * dim + (slice(start, stop),)
-        return handle.get_slice(name)[index]
+        """The tensor, or rows ``[start, stop)`` along ``dim`` (dim 0 reads only those bytes)."""
+        return self._files[self.file_of[name]].read(name, dim, start, stop)
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
 
 
 def parse_size(text: str) -> int:
@@ -193,52 +268,75 @@ def parse_size(text: str) -> int:
         raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB") from e
 
 
-class ShardedSafetensorsWriter:
-    """Writes tensors as they come into HF-style shards of at most ``max_shard_bytes`` each.
+class StreamingSafetensorsWriter:
+    """Writes HF-style safetensors shards tensor by tensor, holding none of them.
 
-    Only the current shard's tensors are held; names and index follow ``save_pretrained``
-    (``model.safetensors`` alone, or ``model-0000i-of-0000N.safetensors`` + index).
+    The full list of (name, shape, dtype) is known up front (from the mapping table), so each shard's
+    header is written first and every tensor's bytes go straight to disk when it arrives. Names follow
+    ``save_pretrained``: ``model.safetensors`` alone, or ``model-0000i-of-0000N.safetensors`` + index.
     """
 
-    def __init__(self, out_dir: str | Path, max_shard_bytes: int):
+    def __init__(self, out_dir: str | Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+                 max_shard_bytes: int):
         self.dir = Path(out_dir)
-        self.max = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[tuple[str, list[str]]] = []
-        self.total = 0
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
+        size = 0
+        for name, shape, dtype in plan:
+            nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append((name, tuple(shape), dtype, nbytes))
+            size += nbytes
+        n = len(shards)
+        self.file_names = [SINGLE_FILE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+                                                        for i in range(n)]
+        self.shards = shards
+        self.queue = [(i, name, shape, dtype)
+                      for i, shard in enumerate(shards) for name, shape, dtype, _ in shard]
+        self.position = 0
+        self.handle = None
+        self.total = sum(nbytes for shard in shards for *_, nbytes in shard)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        assert name not in self.pending, name
-        size = tensor.numel() * tensor.element_size()
-        if self.pending and self.pending_bytes + size > self.max:
-            self._flush()
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += size
-        self.total += size
+    def _open(self, i: int) -> None:
+        if self.handle is not None:
+            self.handle.close()
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype, nbytes in self.shards[i]:
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors writes it
+        self.handle = open(self.dir / self.file_names[i], "wb")
+        self.handle.write(len(raw).to_bytes(8, "little") + raw)
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write the next tensor; it must come in plan order with the planned shape and dtype."""
+        assert self.position < len(self.queue), f"tensor {name!r} is not in the plan"
+        shard, want, shape, dtype = self.queue[self.position]
+        assert (name, tuple(tensor.shape), tensor.dtype) == (want, shape, dtype), \
+            (name, tuple(tensor.shape), tensor.dtype, want, shape, dtype)
+        if self.position == 0 or self.queue[self.position - 1][0] != shard:
+            self._open(shard)
+        if tensor.numel():
+            self.handle.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.position += 1
 
-        tmp_name = f"shard-{len(self.files):05d}.tmp"
-        save_file(self.pending, str(self.dir / tmp_name), metadata={"format": "pt"})
-        self.files.append((tmp_name, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+    def abort(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
 
     def close(self) -> list[str]:
-        """Finish writing; returns the file names."""
-        if self.pending or not self.files:
-            self._flush()
-        n = len(self.files)
-        if n == 1:
-            (self.dir / self.files[0][0]).rename(self.dir / SINGLE_FILE)
-            return [SINGLE_FILE]
-        weight_map, names = {}, []
-        for i, (tmp_name, keys) in enumerate(self.files):
-            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            (self.dir / tmp_name).rename(self.dir / final)
-            weight_map.update({k: final for k in keys})
-            names.append(final)
+        """Finish; returns the files written. Every planned tensor must have been written."""
+        assert self.position == len(self.queue), f"only {self.position} of {len(self.queue)} tensors written"
+        if self.handle is not None:
+            self.handle.close()
+        if len(self.file_names) == 1:
+            return list(self.file_names)
+        weight_map = {name: self.file_names[i] for i, name, _, _ in self.queue}
         index = {"metadata": {"total_size": self.total}, "weight_map": weight_map}
         (self.dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-        return names + [INDEX_FILE]
+        return self.file_names + [INDEX_FILE]

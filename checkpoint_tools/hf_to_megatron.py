@@ -87,11 +87,15 @@ def plan_conversion(hf_dir: str | Path, *, tp: int = 1, pp: int = 1,
         raise ValueError(f"--tp {tp} --pp {pp} do not fit {hf / 'config.json'}: {e}") from e
     cfg = _stable_vocab_padding(cfg, tp)
     reader = SafetensorsReader(hf)
-    check_hf_tensors(family, cfg, reader)
+    try:
+        check_hf_tensors(family, cfg, reader)
+    except ValueError:
+        reader.close()
+        raise
     if dtype is None:
         declared = hf_dtype(raw)
         torch_dtype = (dtype_from_name(declared, f"{hf / 'config.json'}: dtype") if declared
-                       else reader.read(family.params[0].hf).dtype)
+                       else reader.dtype(family.params[0].hf))
     else:
         torch_dtype = dtype_from_name(dtype, "--dtype")
     return ConversionPlan(hf, family, cfg, raw, torch_dtype, tp, pp, reader)
@@ -113,7 +117,7 @@ def load_hf_into_chunks(chunks: Sequence[torch.nn.Module], plan: ConversionPlan,
         for local, param in tqdm(params, desc="hf->megatron", unit="tensor", disable=not progress):
             mapping, layer = index[names[local]]  # KeyError = a parameter the table does not describe
             split = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
-            assert split == mapping.tp_dim, f"table says tp_dim={mapping.tp_dim} for {names[local]}, model {split}"
+            assert split == mapping.tp_dim, (names[local], mapping.tp_dim, split)  # table vs Megatron
             part = mapping.load(bind_layer(plan.reader.read, layer), plan.model_cfg, tp_rank, tp_size)
             assert part.shape == param.shape, (names[local], tuple(part.shape), tuple(param.shape))
             param.copy_(part)
@@ -141,7 +145,10 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
     check_output_dir(out_dir, overwrite)  # fail before the expensive part
     chunks = build_model_chunks(plan.model_cfg, ParallelConfig(tp=tp_size, pp=pp_size), dtype=plan.dtype)
     is_first = all(ParallelGroups.rank(x) == 0 for x in (g.tp, g.pp, g.dp, g.cp))
-    load_hf_into_chunks(chunks, plan, ParallelGroups.rank(g.tp), tp_size, progress and is_first)
+    try:
+        load_hf_into_chunks(chunks, plan, ParallelGroups.rank(g.tp), tp_size, progress and is_first)
+    finally:
+        plan.reader.close()
     gen_path = plan.hf_dir / "generation_config.json"
     source = {"kind": "hf", "path": str(plan.hf_dir.resolve()), "hf_config": plan.raw_config,
               "generation_config": json.loads(gen_path.read_text()) if gen_path.is_file() else None,

@@ -6,8 +6,8 @@ Writes config.json (readable by transformers 4.x/vLLM and 5.x), generation_confi
 (sharded past ``--max-shard-size``, with the usual index) and the tokenizer files the checkpoint
 carries. Vocabulary padding is stripped. Runs as one process: the checkpoint reshards on load.
 
-Memory: the Megatron model (one copy of the weights) plus at most one safetensors shard of converted
-tensors.
+Memory: the Megatron model (one copy of the weights) plus one converted tensor at a time: each shard's
+header is written first and tensors stream to disk.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
-from checkpoint_tools.hf_io import ShardedSafetensorsWriter, hf_config_for_export, parse_size
-from checkpoint_tools.mappings import family_for_config, full_state_dict_to_hf
+from checkpoint_tools.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
+from checkpoint_tools.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
 from redi_megatron.models.checkpoint import (TOKENIZER_SUBDIR, check_output_dir, dtype_from_name,
                                              load_model_checkpoint, prepare_partial_dir, publish_dir,
                                              read_meta, read_model_config)
@@ -31,7 +31,8 @@ from redi_megatron.models.config import ModelConfig, ParallelConfig
 def _generation_config(source: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     if source.get("generation_config"):
         return {k: v for k, v in source["generation_config"].items() if k != "transformers_version"}
-    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if config.get(k) is not None}
+    ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+           if config.get(k) is not None}
     return {"_from_model_config": True, **ids}
 
 
@@ -55,30 +56,31 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
     from tqdm import tqdm
 
     ckpt = Path(megatron_dir)
-    cfg = read_model_config(ckpt)
-    family_for_config(cfg)  # fail early on a family with no table
+    family = family_for_config(read_model_config(ckpt))  # fail early on a family with no table
     out = check_output_dir(out_dir, overwrite)
     max_bytes = parse_size(max_shard_size)
     model, cfg, meta = load_megatron_model(ckpt)
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else dtype_from_name(meta["dtype"])
     source = meta.get("source") or {}
+    plan = [(name, shape, out_dtype) for name, shape in expected_hf_tensors(family, cfg).items()]
     tmp = prepare_partial_dir(out)
+    writer = StreamingSafetensorsWriter(tmp, plan, max_bytes)
     try:
-        writer = ShardedSafetensorsWriter(tmp, max_bytes)
         params = {name: p.detach() for name, p in model.named_parameters()}  # TP1/PP1: full names
-        total = sum(1 for _ in full_state_dict_to_hf(params, cfg))
-        for name, tensor in tqdm(full_state_dict_to_hf(params, cfg), total=total, desc="megatron->hf",
+        for name, tensor in tqdm(full_state_dict_to_hf(params, cfg), total=len(plan), desc="megatron->hf",
                                  unit="tensor", disable=not progress):
-            writer.add(name, tensor.to(out_dtype))
+            writer.write(name, tensor.to(out_dtype))
         writer.close()
         config = hf_config_for_export(cfg, out_dtype, source.get("hf_config"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(_generation_config(source, config), indent=2) + "\n")
+        generation = _generation_config(source, config)
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if (ckpt / TOKENIZER_SUBDIR).is_dir():
             for f in sorted((ckpt / TOKENIZER_SUBDIR).iterdir()):
                 shutil.copy2(f, tmp / f.name)
         publish_dir(tmp, out)
     except BaseException:
+        writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out

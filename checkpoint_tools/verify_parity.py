@@ -72,7 +72,10 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
     hf_dir, ckpt = Path(hf_dir), Path(ckpt_dir)
     torch_dtype = dtype_from_name(dtype, "--dtype")
     mcore, cfg, _ = load_megatron_model(ckpt, dtype=torch_dtype)
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch_dtype).eval()
+    import transformers
+
+    key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), **{key: torch_dtype}).eval()
     if hf.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
                          f"{cfg.vocab_size}")

@@ -114,8 +114,13 @@ def test_whole_table_round_trips_with_local_or_te_names():
     read = _tensor_reader(hf)
     full = {m.megatron.format(i=i): m.load(bind_layer(read, i), cfg, 0, 1) for m, i in QWEN2.rows(cfg)}
     assert full["output_layer.weight"].shape == (384, 64)
-    te = {k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
-           .replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"): v for k, v in full.items()}
+    te_names = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+    te = {}
+    for k, v in full.items():
+        for local, te_name in te_names.items():
+            k = k.replace(local, te_name)
+        te[k] = v
     assert te.keys() != full.keys()
     for state_dict in (full, te):
         back = dict(full_state_dict_to_hf(state_dict, cfg))
@@ -179,7 +184,8 @@ def test_export_config_loads_in_transformers(tmp_path, source):
     ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, "unsupported architecture"),
     ({"use_sliding_window": True}, "use_sliding_window"),
     ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True}, "attention_bias"),
+    ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True},
+     "attention_bias"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 16384,
       "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "rope_type"),

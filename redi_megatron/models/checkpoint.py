@@ -23,7 +23,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
@@ -110,7 +110,9 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    return getattr(chunk, "module", chunk)  # DDP / Float16Module wrappers keep the GPTModel here
+    while hasattr(chunk, "module"):  # DDP(Float16Module(GPTModel)): the GPTModel owns the state
+        chunk = chunk.module
+    return chunk
 
 
 def _chunk_keys(n: int) -> list[str]:
@@ -173,6 +175,35 @@ def _check_shapes(sharded: Mapping[str, Any], model_dir: Path) -> None:
                                  f"{tuple(value.global_shape)} in the model")
 
 
+def _unsplit_gated_fc1(sharded: dict[str, dict]) -> dict[str, dict]:
+    """Without TP, save and load the gated ``linear_fc1`` in place instead of through its factory.
+
+    Megatron routes ``[gate; up]`` through a factory that splits it into two halves, because a TP
+    rank's ``[gate_r; up_r]`` is two separate regions of the global ``[layers, 2*ffn, hidden]`` tensor.
+    The halves are views of the parameter: the writer clones them and the loader concatenates them
+    into new tensors, holding about half the model's weights twice. At TP=1 the parameter is one
+    contiguous region, so it is addressed as one plain shard of the same global tensor; the stored
+    tensor is identical and still reshards to any TP on load.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    out: dict[str, dict] = {}
+    for chunk_key, chunk_sd in sharded.items():
+        out[chunk_key] = dict(chunk_sd)
+        for key, value in chunk_sd.items():
+            if not (isinstance(value, ShardedTensorFactory) and key.endswith("mlp.linear_fc1.weight")
+                    and type(value.data) in (torch.Tensor, torch.nn.Parameter)):  # not FP8 storage
+                continue
+            gate, _ = value.build()
+            axis = gate.prepend_axis_num  # the fc1 row axis in global coordinates
+            if gate.axis_fragmentations[axis] != 2 or value.flattened_range is not None:
+                continue  # TP > 1: the rank's gate and up rows are not contiguous globally
+            layer_offsets = [(i, gate.global_offset[i], gate.axis_fragmentations[i]) for i in range(axis)]
+            out[chunk_key][key] = ShardedTensor.from_rank_offsets(
+                value.key, value.data, *layer_offsets, replica_id=value.replica_id, prepend_axis_num=axis)
+    return out
+
+
 def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> dict[str, Any]:
     """Load ``ckpt_dir/model`` into this rank's chunks (any layout, any dtype). Collective.
 
@@ -185,7 +216,7 @@ def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
     ckpt = Path(ckpt_dir)
     meta = read_meta(ckpt)
     _check_model_matches(chunks, read_model_config(ckpt), str(ckpt / MODEL_CONFIG_FILE))
-    sharded = model_sharded_state_dict(chunks)
+    sharded = _unsplit_gated_fc1(model_sharded_state_dict(chunks))
     _check_shapes(sharded, ckpt / MODEL_SUBDIR)
     loaded = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR),
                                      strict=StrictHandling.RAISE_UNEXPECTED)
@@ -328,7 +359,7 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
         for name in [MODEL_SUBDIR, *extra]:
             (tmp / name).mkdir()
     try:
-        dist_checkpointing.save(model_sharded_state_dict(chunks), str(tmp / MODEL_SUBDIR))
+        dist_checkpointing.save(_unsplit_gated_fc1(model_sharded_state_dict(chunks)), str(tmp / MODEL_SUBDIR))
         for name, sharded in extra.items():
             dist_checkpointing.save(sharded, str(tmp / name))
         if coordinator:
@@ -347,7 +378,3 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
         _wait_published(tmp, out)
     return out
 
-
-def iter_checkpoint_files(ckpt_dir: str | Path) -> Iterator[Path]:
-    """All files of a checkpoint directory (for size reports)."""
-    yield from (p for p in sorted(Path(ckpt_dir).rglob("*")) if p.is_file())
