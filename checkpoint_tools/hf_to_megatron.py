@@ -14,7 +14,6 @@ Memory: the Megatron model (one copy of the weights, summed over ranks) plus one
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -25,8 +24,7 @@ from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
 from checkpoint_tools.hf_io import SafetensorsReader, hf_dtype, parse_overrides, read_hf_config
 from checkpoint_tools.mappings import (Family, bind_layer, expected_hf_tensors, is_ignored_hf,
                                        megatron_index)
-from redi_megatron.models.checkpoint import (check_output_dir, dtype_from_name, save_model_checkpoint,
-                                             tokenizer_files)
+from redi_megatron.models.checkpoint import check_output_dir, dtype_from_name, save_model_checkpoint
 from redi_megatron.models.config import ModelConfig, ParallelConfig
 
 
@@ -149,14 +147,11 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
         load_hf_into_chunks(chunks, plan, ParallelGroups.rank(g.tp), tp_size, progress and is_first)
     finally:
         plan.reader.close()
-    gen_path = plan.hf_dir / "generation_config.json"
-    source = {"kind": "hf", "path": str(plan.hf_dir.resolve()), "hf_config": plan.raw_config,
-              "generation_config": json.loads(gen_path.read_text()) if gen_path.is_file() else None,
-              "overrides": overrides or {}}
-    return save_model_checkpoint(
-        chunks, plan.model_cfg, out_dir,
-        tokenizer_dir=plan.hf_dir if tokenizer_files(plan.hf_dir) else None, overwrite=overwrite,
-        extra_meta={"source": source, "target_layout": {"tp": tp, "pp": pp}})
+    source = {"kind": "hf", "path": str(plan.hf_dir.resolve()), "overrides": overrides or {}}
+    # tokenizer/ keeps the tokenizer and the HF config.json / generation_config.json for export.
+    return save_model_checkpoint(chunks, plan.model_cfg, out_dir, tokenizer_dir=plan.hf_dir,
+                                 overwrite=overwrite,
+                                 extra_meta={"source": source, "target_layout": {"tp": tp, "pp": pp}})
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,13 +24,23 @@ from checkpoint_tools.hf_io import StreamingSafetensorsWriter, hf_config_for_exp
 from checkpoint_tools.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
 from redi_megatron.models.checkpoint import (TOKENIZER_SUBDIR, check_output_dir, dtype_from_name,
                                              load_model_checkpoint, prepare_partial_dir, publish_dir,
-                                             read_meta, read_model_config)
+                                             read_meta, read_model_config, tokenizer_files)
 from redi_megatron.models.config import ModelConfig, ParallelConfig
 
 
-def _generation_config(source: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
-    if source.get("generation_config"):
-        return {k: v for k, v in source["generation_config"].items() if k != "transformers_version"}
+def _side_file(ckpt: Path, name: str) -> Optional[dict[str, Any]]:
+    path = ckpt / TOKENIZER_SUBDIR / name
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+
+def _generation_config(source: Optional[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    if source:
+        return {k: v for k, v in source.items() if k != "transformers_version"}
     ids = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
            if config.get(k) is not None}
     return {"_from_model_config": True, **ids}
@@ -61,7 +71,6 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
     max_bytes = parse_size(max_shard_size)
     model, cfg, meta = load_megatron_model(ckpt)
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else dtype_from_name(meta["dtype"])
-    source = meta.get("source") or {}
     plan = [(name, shape, out_dtype) for name, shape in expected_hf_tensors(family, cfg).items()]
     tmp = prepare_partial_dir(out)
     writer = StreamingSafetensorsWriter(tmp, plan, max_bytes)
@@ -71,13 +80,12 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
                                  unit="tensor", disable=not progress):
             writer.write(name, tensor.to(out_dtype))
         writer.close()
-        config = hf_config_for_export(cfg, out_dtype, source.get("hf_config"))
+        config = hf_config_for_export(cfg, out_dtype, _side_file(ckpt, "config.json"))
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        generation = _generation_config(source, config)
+        generation = _generation_config(_side_file(ckpt, "generation_config.json"), config)
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if (ckpt / TOKENIZER_SUBDIR).is_dir():
-            for f in sorted((ckpt / TOKENIZER_SUBDIR).iterdir()):
-                shutil.copy2(f, tmp / f.name)
+        for f in tokenizer_files(ckpt / TOKENIZER_SUBDIR):
+            shutil.copy2(f, tmp / f.name)
         publish_dir(tmp, out)
     except BaseException:
         writer.abort()

@@ -152,7 +152,9 @@ def _train_and_save(ckpt: str, out: str, tokens: torch.Tensor, steps: int):
         losses.append(loss.item())
     with torch.no_grad():
         logits = tensor_parallel.gather_from_tensor_model_parallel_region(model(tokens, pos, None))
-    save_model_checkpoint([model], cfg, out, tokenizer_dir=None, extra_meta={"step": steps})
+    # As the trainer does: carry tokenizer/ (with the source config.json) forward from the start point.
+    save_model_checkpoint([model], cfg, out, tokenizer_dir=Path(ckpt) / "tokenizer",
+                          extra_meta={"step": steps})
     return logits, losses
 
 
@@ -209,7 +211,8 @@ def test_megatron_to_hf_bit_exact_and_generates_same(hf_models, tmp_path_factory
 
     src = transformers.AutoModelForCausalLM.from_pretrained(hf_models[family], dtype=torch.float32).eval()
     dst = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    for key in ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps"):
+    for key in ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps",
+                "bos_token_id", "eos_token_id"):  # the last two only exist in the source config.json
         assert getattr(dst.config, key, None) == getattr(src.config, key, None), key
     assert dst.config.rope_parameters["rope_theta"] == src.config.rope_parameters["rope_theta"]
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
@@ -226,6 +229,7 @@ def test_trained_model_exports_to_same_logits(hf_models, tmp_path_factory, token
     logits, losses = results[0]
     assert losses[-1] < losses[0]  # it did train
     assert json.loads((root / "mcore" / "redi_meta.json").read_text())["step"] == 3
+    assert (root / "mcore" / "tokenizer" / "config.json").is_file()
     assert run_distributed(_export, 1, args=(str(root / "mcore"), str(root / "hf"), []))[0] == 0
     exported = _hf_logits(root / "hf", tokens)
     torch.testing.assert_close(exported, logits[..., :VOCAB], rtol=0, atol=TOL)

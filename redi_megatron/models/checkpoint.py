@@ -5,7 +5,8 @@ Layout of a checkpoint directory::
     model_config.json   ModelConfig fields (rebuilds the model for any layout)
     redi_meta.json      format version, dtype, the layout it was saved from, padded vocabulary, source
     model/              Megatron dist_checkpointing of ``model.sharded_state_dict()``
-    tokenizer/          optional: HF tokenizer files, copied through so export can write them back
+    tokenizer/          optional: HF files copied through so export can write them back: the tokenizer,
+                        and the source model's config.json and generation_config.json
     <name>/             optional: more dist_checkpointing trees (e.g. ``optimizer/``), see ``extra_sharded``
 
 ``model/`` stores every tensor under its layout-independent key (layers stacked along a leading axis,
@@ -21,13 +22,13 @@ import dataclasses
 import datetime
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
 
 FORMAT_NAME = "redi-megatron-model"
 FORMAT_VERSION = 1
@@ -38,6 +39,8 @@ TOKENIZER_SUBDIR = "tokenizer"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "tokenizer.model",
                    "chat_template.jinja", "chat_template.json")
+# Copied along with the tokenizer: export starts from the source's config (token ids, extra fields).
+HF_SIDE_FILES = ("config.json", "generation_config.json")
 _RESERVED = {MODEL_SUBDIR, TOKENIZER_SUBDIR, MODEL_CONFIG_FILE, META_FILE}
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,6 +106,12 @@ def tokenizer_files(directory: str | Path) -> list[Path]:
     """The HF tokenizer files present in ``directory`` (possibly none)."""
     d = Path(directory)
     return [d / name for name in TOKENIZER_FILES if (d / name).is_file()]
+
+
+def passthrough_files(directory: str | Path) -> list[Path]:
+    """What ``tokenizer/`` keeps from ``directory``: tokenizer files plus config/generation config."""
+    d = Path(directory)
+    return tokenizer_files(d) + [d / name for name in HF_SIDE_FILES if (d / name).is_file()]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -278,29 +287,6 @@ def publish_dir(tmp: Path, out_dir: str | Path) -> None:
         tmp.rename(out)
 
 
-def _is_coordinator() -> bool:
-    """Global rank 0 (the rank that dist_checkpointing also uses for metadata): rank 0 in every group."""
-    from redi_megatron.parallel.state import ParallelGroups, groups
-
-    g = groups()
-    return all(ParallelGroups.rank(group) == 0 for group in (g.tp, g.pp, g.cp, g.dp))
-
-
-def _wait_published(tmp: Path, out: Path, timeout_s: float = 600.0) -> None:
-    """Non-coordinator ranks: wait until the coordinator has renamed ``tmp`` into place.
-
-    A file-system wait rather than a barrier: the directory is on storage every rank shares anyway
-    (dist_checkpointing requires it), and the rename takes microseconds after the save's own barrier.
-    """
-    deadline = time.monotonic() + timeout_s
-    while tmp.exists():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"rank 0 did not publish {out} within {timeout_s:.0f} s")
-        time.sleep(0.01)
-    if not (out / META_FILE).is_file():
-        raise RuntimeError(f"saving {out} failed on rank 0 (see its error)")
-
-
 def _meta(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig,
           extra_meta: Optional[Mapping[str, Any]], extra_names: Sequence[str]) -> dict[str, Any]:
     import megatron.core
@@ -330,7 +316,9 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
         chunks: this rank's model chunks (GPTModel or DDP-wrapped), one per virtual stage.
         model_cfg: the architecture, written to ``model_config.json``.
         out_dir: the checkpoint directory; refused if it exists unless ``overwrite``.
-        tokenizer_dir: a directory with HF tokenizer files to copy into ``tokenizer/``.
+        tokenizer_dir: a directory whose HF tokenizer files, config.json and generation_config.json
+            (those present) are copied into ``tokenizer/``: an HF model directory, or the
+            ``tokenizer/`` of the checkpoint training started from.
         extra_meta: JSON-serialisable fields merged into ``redi_meta.json`` (e.g. step, source).
         extra_sharded: more sharded state dicts saved under ``out_dir/<name>/`` in the same atomic
             write, e.g. ``{"optimizer": optimizer.sharded_state_dict(model_sharded_state_dict(chunks))}``.
@@ -345,12 +333,13 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
     for name in extra:
         if name in _RESERVED or not name.isidentifier():
             raise ValueError(f"extra_sharded name {name!r} is reserved or not a plain identifier")
-    tok_files = tokenizer_files(tokenizer_dir) if tokenizer_dir is not None else []
+    tok_files = passthrough_files(tokenizer_dir) if tokenizer_dir is not None else []
     if tokenizer_dir is not None and not tok_files:
-        raise ValueError(f"tokenizer_dir {tokenizer_dir} has none of the tokenizer files {TOKENIZER_FILES}")
+        raise ValueError(f"tokenizer_dir {tokenizer_dir} has none of the files "
+                         f"{TOKENIZER_FILES + HF_SIDE_FILES}")
     meta = _meta(chunks, model_cfg, extra_meta, list(extra))
     json.dumps(meta)  # fail before writing anything if extra_meta is not JSON-serialisable
-    coordinator = _is_coordinator()
+    coordinator = is_global_rank_zero()
     tmp = partial_dir(out)
     if coordinator:
         # dist_checkpointing.save requires the directory to exist on rank 0; the other ranks only
@@ -362,19 +351,31 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
         dist_checkpointing.save(_unsplit_gated_fc1(model_sharded_state_dict(chunks)), str(tmp / MODEL_SUBDIR))
         for name, sharded in extra.items():
             dist_checkpointing.save(sharded, str(tmp / name))
-        if coordinator:
-            (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
-            if tok_files:
-                (tmp / TOKENIZER_SUBDIR).mkdir()
-                for f in tok_files:
-                    shutil.copy2(f, tmp / TOKENIZER_SUBDIR / f.name)
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks complete
-            publish_dir(tmp, out)
     except BaseException:
         if coordinator:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if not coordinator:
-        _wait_published(tmp, out)
+    failure: Optional[BaseException] = None
+    if coordinator:
+        try:
+            _write_side_files(tmp, model_cfg, tok_files, meta)
+            publish_dir(tmp, out)
+        except BaseException as e:  # noqa: BLE001 - reported to every rank below, then re-raised
+            shutil.rmtree(tmp, ignore_errors=True)
+            failure = e
+    # Every rank returns only once the directory is in place (or learns that it is not).
+    status = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    if status is not None:
+        raise RuntimeError(f"saving {out} failed on rank 0: {status}")
     return out
 
+
+def _write_side_files(tmp: Path, model_cfg: ModelConfig, tok_files: list[Path], meta: dict) -> None:
+    (tmp / MODEL_CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n")
+    if tok_files:
+        (tmp / TOKENIZER_SUBDIR).mkdir()
+        for f in tok_files:
+            shutil.copy2(f, tmp / TOKENIZER_SUBDIR / f.name)
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks complete
