@@ -57,6 +57,13 @@ def test_logprobs_match_log_softmax(dtype, inplace, chunk):
     assert close(leaf.grad, ref_leaf.grad, dtype)
 
 
+def test_inplace_backward_fails_loudly_when_logits_are_needed_elsewhere():
+    x = torch.randn(4, 10, requires_grad=True)
+    out = vocab_parallel_logprobs(torch.tanh(x), torch.randint(0, 10, (4,)), inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()   # tanh saved its output for backward; the in-place gradient must not corrupt it
+
+
 def test_logprobs_non_contiguous_input_and_no_grad():
     x = torch.randn(4, 6, 33)
     t = torch.randint(0, 33, (6, 4))

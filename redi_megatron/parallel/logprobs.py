@@ -6,9 +6,12 @@ rank's local logsumexp and the target logit comes from the one rank holding it: 
 ``[T]`` floats for the whole input, none per chunk, none in backward.
 
 Memory: Megatron's ``vocab_parallel_cross_entropy`` keeps the fp32 softmax ``[T, V/TP]`` from forward to
-backward (an fp32 copy when the logits are bf16). Here forward keeps only the input and one fp32 number per
-token (the logsumexp); both passes work on ``chunk_size`` tokens at a time in one reused fp32 workspace
-``[chunk_size, V/TP]``, and backward recomputes the softmax chunk by chunk. With ``inplace_backward=True``
+backward (in the fp32 logits themselves, which it overwrites, or in an fp32 copy of bf16 logits). Here
+forward keeps only the input and one fp32 number per token (the logsumexp) and works on ``chunk_size``
+tokens at a time in one fp32 workspace ``[chunk_size, V/TP]``; backward recomputes the softmax chunk by
+chunk, in the same kind of workspace for bf16 logits and directly in the gradient buffer for fp32 ones
+(tests/test_parallel_logprobs.py checks both, benchmarks/logprob_memory.py measures them). With
+``inplace_backward=True``
 the gradient is written into the logits' own storage (as Megatron does in forward for fp32), which is safe
 when nothing else needs the logits after the loss (true of Megatron's output layer: its backward needs
 only its input and weight). Anything that did save them would fail loudly in backward: autograd's version
