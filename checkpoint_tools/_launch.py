@@ -8,8 +8,12 @@ from typing import Callable, Iterator
 
 
 def force_cpu() -> None:
-    """Conversion is host-memory work: hide GPUs before anything initialises CUDA (gloo, CPU spec)."""
-    os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+    """Conversion is host-memory work: hide GPUs before anything initialises CUDA (gloo, CPU spec).
+
+    Also on GPU nodes: the model then never has to fit a GPU, and the layout is the local spec the
+    tests cover (its checkpoints load into the Transformer Engine spec as well).
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 
 @contextmanager

@@ -5,7 +5,9 @@
 Prints, per prompt, the max absolute logit difference and the KL divergence KL(HF || Megatron) per
 token (mean and max), and exits 1 when either exceeds its tolerance (0 otherwise, 2 on bad input).
 Both models run in fp32 by default, each prompt alone (no padding, no attention mask: causal), with
-explicit position ids. The Megatron model is the TP1/PP1 model the checkpoint reshards into.
+explicit position ids. The Megatron model is the TP1/PP1 model the checkpoint reshards into. The HF
+model gets the checkpoint's RoPE base, context length and norm epsilon (a conversion with
+``--override rope_theta=...`` is compared under the same RoPE), so only the weights are compared.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
 from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
+from redi_megatron.models.config import ModelConfig
 
 DEFAULT_PROMPTS = (
     "Find the sum of all positive integers n such that n^2 - 19n + 99 is a perfect square.",
@@ -61,6 +64,20 @@ def _prompt_ids(hf_dir: Path, ckpt: Path, prompts: Sequence[str], vocab_size: in
     return [torch.randint(0, vocab_size, (16 + 8 * i,), generator=g) for i in range(len(prompts))]
 
 
+def _hf_config_like(hf_dir: Path, cfg: ModelConfig):
+    """The HF config with the fields ``--override`` may have changed set as in the checkpoint."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(hf_dir))
+    if isinstance(getattr(config, "rope_parameters", None), dict):  # transformers 5
+        config.rope_parameters["rope_theta"] = cfg.rope_theta
+    else:
+        config.rope_theta = cfg.rope_theta
+    config.max_position_embeddings = cfg.max_position_embeddings
+    config.rms_norm_eps = cfg.norm_eps
+    return config
+
+
 @torch.no_grad()
 def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence[str] = DEFAULT_PROMPTS,
                   dtype: str = "fp32") -> list[PromptReport]:
@@ -75,7 +92,8 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
     import transformers
 
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), **{key: torch_dtype}).eval()
+    config = _hf_config_like(hf_dir, cfg)
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, **{key: torch_dtype}).eval()
     if hf.config.vocab_size != cfg.vocab_size:
         raise ValueError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
                          f"{cfg.vocab_size}")

@@ -242,9 +242,14 @@ def _verify(hf_dir: str, ckpt: str, extra: list[str]) -> int:
     return main(["--hf", hf_dir, "--megatron", ckpt, *extra])
 
 
-def test_verify_parity_cli(hf_models, tmp_path_factory, tokens, capsys):
+def test_verify_parity_cli(hf_models, tmp_path_factory, tokens):
     ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp2")
     assert run_distributed(_verify, 1, args=(str(hf_models["qwen2"]), str(ckpt), []))[0] == 0
+    # With the paper's RoPE override the HF model is compared under the checkpoint's RoPE base.
+    overridden = tmp_path_factory.mktemp("override") / "qwen2"
+    assert run_distributed(_convert_only, 1, args=(str(hf_models["qwen2"]), str(overridden),
+                                                   ["--override", "rope_theta=300000"]))[0] == 0
+    assert run_distributed(_verify, 1, args=(str(hf_models["qwen2"]), str(overridden), []))[0] == 0
     # Same shapes, different weights: the check must fail.
     other = tmp_path_factory.mktemp("other") / "qwen2"
     _make_hf("qwen2", other)
@@ -293,11 +298,11 @@ def test_bf16_with_tokenizer_round_trip(tmp_path):
     assert tok.decode(tok("1 + 1 = 2")["input_ids"]) == "1 + 1 = 2"
 
 
-def _convert_only(hf_dir: str, out_dir: str) -> int:
+def _convert_only(hf_dir: str, out_dir: str, extra: tuple = ()) -> int:
     _allow_checkpoint_writes()
     from checkpoint_tools.hf_to_megatron import main
 
-    return main(["--hf", hf_dir, "--out", out_dir, "--no-progress"])
+    return main(["--hf", hf_dir, "--out", out_dir, "--no-progress", *extra])
 
 
 def _edge_cases(qwen_ckpt: str, llama_ckpt: str, root: str) -> dict:
