@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ModelConfig fields to change, e.g. rope_theta=300000 max_position_embeddings=32768")
     p.add_argument("--dtype", default=None, help="weights dtype (default: config.json's): bf16, fp16, fp32")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 

@@ -70,18 +70,6 @@ def _hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- code run on the ranks
 
-def _allow_checkpoint_writes() -> None:
-    """run_distributed's ranks are daemonic; dist_checkpointing's writer forks helper processes."""
-    import multiprocessing as mp
-    import queue
-
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    mp.current_process().daemon = False
-    # A plain queue instead of the spawned Manager: the rank exits with os._exit, which would orphan it.
-    filesystem_async._results_queue = queue.Queue()
-
-
 def _forward(chunks, tokens: torch.Tensor):
     """Logits [B, S, V_padded] on the last pipeline stage (None elsewhere), gathered over TP."""
     from megatron.core import tensor_parallel
@@ -107,7 +95,6 @@ def _forward(chunks, tokens: torch.Tensor):
 
 
 def _convert_and_forward(hf_dir: str, out_dir: str, tp: int, pp: int, tokens: torch.Tensor):
-    _allow_checkpoint_writes()
     from checkpoint_tools.hf_to_megatron import main
     from redi_megatron.models.builder import build_model_chunks
     from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config
@@ -128,7 +115,6 @@ def _export(ckpt: str, out: str, extra: list[str]) -> int:
 
 def _train_and_save(ckpt: str, out: str, tokens: torch.Tensor, steps: int):
     """A few Adam steps on next-token CE at TP2, then save; returns the trained model's logits."""
-    _allow_checkpoint_writes()
     from megatron.core import tensor_parallel
 
     from redi_megatron.models.builder import build_gpt_model
@@ -299,14 +285,12 @@ def test_bf16_with_tokenizer_round_trip(tmp_path):
 
 
 def _convert_only(hf_dir: str, out_dir: str, extra: tuple = ()) -> int:
-    _allow_checkpoint_writes()
     from checkpoint_tools.hf_to_megatron import main
 
     return main(["--hf", hf_dir, "--out", out_dir, "--no-progress", *extra])
 
 
 def _edge_cases(qwen_ckpt: str, llama_ckpt: str, root: str) -> dict:
-    _allow_checkpoint_writes()
     import shutil
 
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
