@@ -12,7 +12,7 @@ import pytest
 
 from redi_megatron.data.curate import CurationConfig, curate, main
 from redi_megatron.data.synthetic import RAW_LAYOUT, openr1_220k_rows, raw_rows, raw_v1_rows, write_jsonl
-from redi_megatron.data.templates import load_tokenizer, qwen_tokenizer_dir
+from redi_megatron.data.templates import qwen_tokenizer_dir
 
 LIMITS = dict(max_prompt_tokens=200, max_completion_tokens=400)  # the fixture's long texts exceed these
 
@@ -34,11 +34,8 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer(qwen_tokenizer_dir())
-    except FileNotFoundError as e:
-        pytest.skip(f"real Qwen tokenizer files unavailable: {e}")
+def tok(qwen_tok):
+    return qwen_tok
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from redi_megatron.data.batch import ROLE_SFT, SequenceSpec, build_microbatch
 from redi_megatron.data.templates import (
     QWEN_MATH_SYSTEM_PROMPT, TemplateConfig, check_tokenizer, encode_completion, encode_eval_prompt,
-    encode_prompt, find_control_token, load_tokenizer, qwen_tokenizer_dir, render_completion,
+    encode_prompt, find_control_token, load_tokenizer, render_completion,
     render_eval_prompt, render_prompt,
 )
 
@@ -26,11 +26,8 @@ GOLDEN_COMPLETION = [151667, 198, 3136, 2144, 220, 18, 25, 220, 17, 87, 284, 220
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer(qwen_tokenizer_dir())
-    except FileNotFoundError as e:
-        pytest.skip(f"real Qwen tokenizer files unavailable: {e}")
+def tok(qwen_tok):
+    return qwen_tok
 
 
 def test_render_strings_exact():

@@ -9,7 +9,7 @@ import pytest
 
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT
 from redi_megatron.data.synthetic import tiny_tokenizer
-from redi_megatron.data.templates import TemplateConfig, encode_completion, encode_prompt, load_tokenizer, qwen_tokenizer_dir
+from redi_megatron.data.templates import TemplateConfig, encode_completion, encode_prompt, qwen_tokenizer_dir
 from redi_megatron.data.tokenized import build_pair_dataset, build_sft_dataset
 
 PROBLEMS = [f"Problem {i}: compute ${i} + {2 * i}$." for i in range(12)]
@@ -20,11 +20,8 @@ def _gen(i, ok=True):
 
 
 @pytest.fixture(scope="module")
-def tok():
-    try:
-        return load_tokenizer(qwen_tokenizer_dir())
-    except FileNotFoundError as e:
-        pytest.skip(f"real Qwen tokenizer files unavailable: {e}")
+def tok(qwen_tok):
+    return qwen_tok
 
 
 def _write(path, rows):
