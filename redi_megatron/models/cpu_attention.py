@@ -56,20 +56,23 @@ class CPUCoreAttention(MegatronModule):
         cp_size = self.cp_group.size() if self.cp_group is not None else 1
         key, value = all_gather_cp(key, self.cp_group), all_gather_cp(value, self.cp_group)
         seq_global = key.shape[0]
-        if self.heads != self.groups:  # grouped-query attention: share each K/V head
-            key = key.repeat_interleave(self.heads // self.groups, dim=2)
-            value = value.repeat_interleave(self.heads // self.groups, dim=2)
         q_pos = cp_local_positions(seq_global, self.cp_group.rank() if cp_size > 1 else 0, cp_size,
                                    query.device)
         masked = q_pos[:, None] < torch.arange(seq_global, device=query.device)[None, :]  # [sq, S]
         if attention_mask is not None:
             masked = masked[None, None] | attention_mask.index_select(2, q_pos)  # [b, 1, sq, S]
-        # [s, b, h, d] -> [b, h, s, d]; scores in fp32 whatever the activation dtype.
+        # [s, b, h, d] -> [b, h, s, d]. torch's fused kernel handles GQA without copying K/V and
+        # does not keep the [b, h, sq, S] probabilities for backward (it recomputes them).
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * self.scale
-        probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).to(v.dtype)
-        if self.training and self.dropout_p > 0:
+        dropout = self.dropout_p if self.training else 0.0
+        if dropout > 0:
             with tensor_parallel.get_cuda_rng_tracker().fork():
-                probs = torch.nn.functional.dropout(probs, p=self.dropout_p)
-        context = torch.matmul(probs, v)  # [b, h, sq, d]
+                context = self._sdpa(q, k, v, masked, dropout)
+        else:
+            context = self._sdpa(q, k, v, masked, 0.0)
         return context.permute(2, 0, 1, 3).reshape(context.shape[2], context.shape[0], -1)
+
+    def _sdpa(self, q, k, v, masked, dropout: float) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=~masked, dropout_p=dropout, scale=self.scale,
+            enable_gqa=self.heads != self.groups)
