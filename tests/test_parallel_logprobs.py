@@ -283,3 +283,38 @@ def test_empty_microbatch_contributes_nothing(name):
     loss_sum.backward()
     assert float(loss_sum.detach()) == 0 and int(norm) == 0 and not leaf.grad.any()
     assert reduce_step_metrics([metrics], _single())[("num_tokens" if name == "sft" else "num_pairs")] == 0
+
+
+def _padded_vocab_run(vocab_size, real_vocab):
+    """TP-sharded logits with padding columns vs the unpadded single-device reference."""
+    from redi_megatron.parallel import vocab_parallel_logprobs
+    from redi_megatron.parallel.state import groups
+
+    g = groups()
+    tp, rank = g.size(g.tp), g.rank(g.tp)
+    full = torch.randn(6, vocab_size, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, real_vocab, (6,), generator=torch.Generator().manual_seed(1))
+    local = full.chunk(tp, dim=1)[rank].clone().requires_grad_(True)
+    out = vocab_parallel_logprobs(local, targets, g.tp, vocab_size=real_vocab, chunk_size=4)
+    out.sum().backward()
+    return out.detach(), local.grad
+
+
+@pytest.mark.parametrize("tp,real", [(2, 11), (4, 7)])  # TP4, real 7: rank 3 holds padding only
+def test_padding_columns_are_left_out_of_the_softmax(tp, real):
+    from redi_megatron.testing.distributed import run_distributed
+
+    vocab = 16
+    full = torch.randn(6, vocab, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, real, (6,), generator=torch.Generator().manual_seed(1))
+    ref_in = full[:, :real].clone().requires_grad_(True)
+    ref = torch.log_softmax(ref_in, dim=-1).gather(1, targets[:, None]).squeeze(1)
+    ref.sum().backward()
+    results = run_distributed(_padded_vocab_run, tp, tp=tp, args=(vocab, real))
+    torch.testing.assert_close(results[0][0], ref, rtol=1e-6, atol=1e-6)
+    grad = torch.cat([r[1] for r in results], dim=1)
+    torch.testing.assert_close(grad[:, :real], ref_in.grad, rtol=1e-6, atol=1e-6)
+    assert grad[:, real:].abs().max() == 0
+    with pytest.raises(ValueError, match="vocab_size"):
+        from redi_megatron.parallel import vocab_parallel_logprobs
+        vocab_parallel_logprobs(full, targets, vocab_size=vocab + 1)

@@ -75,9 +75,11 @@ def _shifted_into(ws: torch.Tensor, x: torch.Tensor, shift: torch.Tensor) -> tor
 class _VocabParallelLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits2d: torch.Tensor, targets1d: torch.Tensor, group: Optional[dist.ProcessGroup],
-                chunk_size: int, inplace_backward: bool) -> torch.Tensor:
+                chunk_size: int, inplace_backward: bool, valid_local: int) -> torch.Tensor:
         tokens, local_vocab = logits2d.shape
         tp_size, tp_rank = _group_size_rank(group)
+        # Columns >= valid_local are vocabulary padding: excluded from the softmax (weight 0).
+        pad = slice(valid_local, None)
         local_t, on_shard = _local_targets(targets1d, tp_rank * local_vocab, local_vocab)
         # Target logits read straight from the input: exact, whatever the dtype.
         target_logit = logits2d.gather(1, local_t.unsqueeze(1)).squeeze(1).float()
@@ -87,13 +89,17 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for start in range(0, tokens, chunk_size):
             x = logits2d[start:start + chunk_size]
             ws = work[:x.shape[0]]
-            row_max = x.amax(dim=1, keepdim=True).float()
-            _shifted_into(ws, x, row_max).exp_()
+            if valid_local == 0:  # this shard is all padding
+                local_lse[start:start + x.shape[0]] = float("-inf")
+                continue
+            row_max = x[:, :valid_local].amax(dim=1, keepdim=True).float()
+            _shifted_into(ws, x, row_max)[:, pad].fill_(float("-inf"))
+            ws.exp_()
             local_lse[start:start + x.shape[0]] = ws.sum(dim=1).log_() + row_max.squeeze(1)
         del work
         lse, target_logit = _combine_over_tp(local_lse, target_logit, group)
         ctx.save_for_backward(logits2d, local_t, on_shard, lse)
-        ctx.chunk_size, ctx.inplace_backward = chunk_size, inplace_backward
+        ctx.chunk_size, ctx.inplace_backward, ctx.valid_local = chunk_size, inplace_backward, valid_local
         return target_logit - lse
 
     @staticmethod
@@ -113,18 +119,19 @@ class _VocabParallelLogprobs(torch.autograd.Function):
         for start in range(0, logits2d.shape[0], chunk):
             end = min(start + chunk, logits2d.shape[0])
             ws = grad[start:end] if direct else work[:end - start]
-            _shifted_into(ws, logits2d[start:end], lse[start:end].unsqueeze(1))
+            _shifted_into(ws, logits2d[start:end], lse[start:end].unsqueeze(1))[:, ctx.valid_local:].fill_(
+                float("-inf"))
             ws.exp_().mul_(grad_out[start:end].neg().unsqueeze(1))
             ws.scatter_add_(1, local_t[start:end].unsqueeze(1), target_grad[start:end].unsqueeze(1))
             if not direct:
                 grad[start:end].copy_(ws)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
                             tp_group: Optional[dist.ProcessGroup] = None, *,
                             chunk_size: Optional[int] = None, inplace_backward: bool = False,
-                            validate: bool = True) -> torch.Tensor:
+                            validate: bool = True, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Log-prob of each target under vocabulary-parallel logits; exact, differentiable, fp32.
 
     logits: ``[..., V/TP]`` in any float dtype (``[T, V/TP]``, Megatron's ``[S, B, V/TP]``, or
@@ -136,6 +143,9 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     inplace_backward: write the gradient into ``logits``' storage (saves a logits-sized buffer; only when
         nothing else uses the logits after this call).
     validate: check ``targets`` range (one device synchronisation).
+    vocab_size: the real vocabulary when the logits carry padding columns (Megatron pads the embedding
+        for TP); those columns are left out of the softmax, as they are in the exported HF model. None:
+        every column is a real token.
     Returns ``[...]`` fp32 log-probs; its gradient flows to ``logits`` (in the logits' dtype).
     """
     if logits.dim() < 2:
@@ -151,7 +161,13 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     chunk_size = default_chunk_size(local_vocab) if chunk_size is None else chunk_size
     if chunk_size < 1:
         raise ValueError(f"vocab_parallel_logprobs: chunk_size must be >= 1, got {chunk_size}")
-    vocab = local_vocab * _group_size_rank(tp_group)[0]
+    tp_size, tp_rank = _group_size_rank(tp_group)
+    vocab = local_vocab * tp_size
+    if vocab_size is not None:
+        if not 0 < vocab_size <= vocab:
+            raise ValueError(f"vocab_parallel_logprobs: vocab_size {vocab_size} not in (0, {vocab}]")
+        vocab = vocab_size
+    valid_local = max(0, min(local_vocab, vocab - tp_rank * local_vocab))
     if validate and targets.numel() and bool(((targets < 0) | (targets >= vocab)).any()):
         bad = targets[(targets < 0) | (targets >= vocab)]
         raise ValueError(f"vocab_parallel_logprobs: {bad.numel()} target(s) outside the vocabulary [0, {vocab}) "
@@ -160,5 +176,5 @@ def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor,
         return logits.new_zeros(targets.shape, dtype=torch.float32) + 0 * logits.sum()
     logits2d = logits.reshape(-1, local_vocab)
     out = _VocabParallelLogprobs.apply(logits2d, targets.reshape(-1).long(), tp_group, chunk_size,
-                                       inplace_backward)
+                                       inplace_backward, valid_local)
     return out.view(targets.shape)

@@ -170,13 +170,14 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
 
 
 def _token_logps(p: _Prepared, logits: torch.Tensor, groups: ParallelGroups, chunk_size: Optional[int],
-                 inplace_backward: bool, vocab_checked: bool) -> torch.Tensor:
+                 inplace_backward: bool, vocab_size: Optional[int]) -> torch.Tensor:
     if tuple(logits.shape[:2]) != tuple(p.labels.shape):
         raise ValueError(f"loss_func: logits {tuple(logits.shape)} do not match this CP rank's labels "
                          f"{tuple(p.labels.shape)} (expected [B, S/CP, V/TP], batch first)")
     dev = logits.device
     tok = vocab_parallel_logprobs(logits, p.labels.to(dev, non_blocking=True), groups.tp, chunk_size=chunk_size,
-                                  inplace_backward=inplace_backward, validate=not vocab_checked)
+                                  inplace_backward=inplace_backward, validate=vocab_size is None,
+                                  vocab_size=vocab_size)
     return tok * p.loss_mask.to(dev, non_blocking=True)
 
 
@@ -188,7 +189,8 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     microbatch: the data contract's ``Microbatch`` with full (not CP-split) ``labels``/``loss_mask``/
         ``seq_ids [B, S]`` and ``roles``/``pair_ids``/``num_loss_tokens``/(``ref_logps``) ``[N]``; it is
         validated here, once, before the forward pass.
-    vocab_size: when given, labels are range-checked here instead of inside the step (saves a sync).
+    vocab_size: the real vocabulary: labels are range-checked here instead of inside the step (saves a
+        sync), and the logits' padding columns (``V_padded - vocab_size``) are left out of the softmax.
     inplace_backward: write the logits gradient into the logits buffer (see ``parallel.logprobs``).
     Returns ``loss_func(logits [B, S/CP, V/TP]) -> (loss_sum, normaliser int32, metrics)`` for Megatron
     with ``calculate_per_token_loss=True`` (module docstring).
@@ -204,7 +206,7 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
 
     def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         dev = logits.device
-        tok = _token_logps(p, logits, groups, chunk_size, inplace_backward, vocab_size is not None)
+        tok = _token_logps(p, logits, groups, chunk_size, inplace_backward, vocab_size)
         seq = sequence_sums_over_cp(tok, p.seq_ids.to(dev), p.num_sequences, groups.cp) if spec.per_sequence else None
         inputs = LossInputs(token_logps=tok, loss_mask=p.loss_mask.to(dev), seq_logps=seq,
                             seq_lengths=p.seq_lengths.to(dev), roles=p.roles.to(dev),
@@ -225,7 +227,7 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
 
 
 def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
-                             chunk_size: Optional[int] = None) -> LossFunc:
+                             chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> LossFunc:
     """``loss_func`` for a forward-only pass that records whole-sequence log-probs (DPO reference pass).
 
     Returns ``(0, 0, {"seq_logps": [N], "sample_ids": [N]})``; ``seq_logps`` is reduced over CP, so any
@@ -237,7 +239,7 @@ def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
 
     def loss_func(logits: torch.Tensor):
         with torch.no_grad():
-            tok = _token_logps(p, logits, groups, chunk_size, False, False)
+            tok = _token_logps(p, logits, groups, chunk_size, False, vocab_size)
             seq = sequence_sums_over_cp(tok, p.seq_ids.to(logits.device), p.num_sequences, groups.cp)
         zero = torch.zeros((), device=logits.device)
         out = {"seq_logps": seq}

@@ -44,7 +44,7 @@ def _compute(c, sampler) -> np.ndarray:
                      disable=not is_global_rank_zero()):
         batch = sampler.build(sampler.plan(0, step))
         mbs = batch.microbatches
-        outputs = forward_only(c, mbs, lambda mb: make_sequence_logps_func(mb, g))
+        outputs = forward_only(c, mbs, lambda mb: make_sequence_logps_func(mb, g, vocab_size=c.model_cfg.vocab_size))
         for mb, out in zip(mbs, outputs):
             for sid, role, logp in zip(mb.sample_ids.tolist(), mb.roles.tolist(), out["seq_logps"].tolist()):
                 records.append((sid, role, logp))
