@@ -1,0 +1,93 @@
+"""The demo's settings: one dataclass tree, with the full (about 15 minutes) and ``--quick`` presets.
+
+The numbers were chosen with ``python -m redi_megatron.demo.probe`` on a 2-core machine; docs/demo.md
+says what was measured.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from redi_megatron.demo.model import DemoModelSpec
+from redi_megatron.demo.teacher import TaskConfig
+
+
+@dataclass
+class StageBudget:
+    """One training stage: optimizer steps, samples per step (sequences for SFT, pairs for REDI), LR."""
+
+    steps: int
+    global_batch_size: int
+    lr: float
+    warmup_ratio: float = 0.1
+    micro_batch_tokens: int = 2048
+    tp: int = 1
+
+
+@dataclass
+class EvalSettings:
+    """Sampling on the held-out problems (the paper's temperature and top-p)."""
+
+    num_problems: int = 200
+    samples_per_problem: int = 4
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: int = 192
+    batch_size: int = 64
+
+
+@dataclass
+class DemoConfig:
+    """Everything one ``redi-demo`` run does. ``out`` is not part of the identity of a run."""
+
+    seed: int = 0
+    quick: bool = False
+    task: TaskConfig = field(default_factory=TaskConfig)
+    num_train_problems: int = 2000
+    model: DemoModelSpec = field(default_factory=DemoModelSpec)
+    sft: StageBudget = field(default_factory=lambda: StageBudget(steps=400, global_batch_size=32, lr=1e-3))
+    redi: StageBudget = field(default_factory=lambda: StageBudget(steps=150, global_batch_size=16, lr=3e-4, tp=2))
+    alpha: float = 0.8
+    # Stage 2 again with alpha = 0 (SFT on the same positives, same steps): the fair baseline for REDI.
+    control: bool = True
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    threads: Optional[int] = None  # torch threads per process; None = the CPUs divided by the processes
+
+    def validate(self) -> None:
+        """ValueError naming the offending field."""
+        self.task.validate()
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        for name in ("sft", "redi"):
+            b: StageBudget = getattr(self, name)
+            if b.steps < 1 or b.global_batch_size < 1 or b.lr <= 0 or b.tp < 1:
+                raise ValueError(f"{name}: steps, global_batch_size, tp must be >= 1 and lr > 0, got {b}")
+        if self.num_train_problems < 10 or self.eval.num_problems < 1 or self.eval.samples_per_problem < 1:
+            raise ValueError("need >= 10 training problems, >= 1 eval problem and >= 1 sample per problem")
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def full_config(seed: int = 0) -> DemoConfig:
+    """The default demo (target: under 15 minutes on 2 idle cores)."""
+    return DemoConfig(seed=seed)
+
+
+def quick_config(seed: int = 0) -> DemoConfig:
+    """``--quick`` (CI, target: under 3 minutes): smaller task and budgets, no alpha = 0 control."""
+    return DemoConfig(
+        seed=seed, quick=True,
+        task=TaskConfig(min_digits=2, max_digits=2),
+        num_train_problems=600,
+        model=DemoModelSpec(num_layers=2, hidden_size=64, ffn_hidden_size=256),
+        sft=StageBudget(steps=80, global_batch_size=32, lr=2e-3),
+        redi=StageBudget(steps=20, global_batch_size=16, lr=3e-4, tp=2),
+        control=False,
+        eval=EvalSettings(num_problems=40, samples_per_problem=2, max_new_tokens=96),
+    )
+
+
+def config_for(quick: bool, seed: int) -> DemoConfig:
+    return quick_config(seed) if quick else full_config(seed)

@@ -1,0 +1,269 @@
+"""Sizing probe for the demo: plain-PyTorch training of the demo model on the teacher's data.
+
+Not part of the pipeline (``redi-demo`` trains with ``redi-train`` on Megatron-Core). This single-process
+stand-in answers the questions that choose the demo's task and budget on a given machine:
+
+* ``throughput``: training tokens/s and step time of candidate model sizes;
+* ``experiment``: teacher -> curate -> SFT on positives -> stage 2 on pairs with REDI and with alpha = 0
+  (SFT on the same positives for the same steps, the control) -> pass@1 of each on held-out problems.
+
+Usage::
+
+    python -m redi_megatron.demo.probe throughput --layers 4 --hidden 128
+    python -m redi_megatron.demo.probe experiment --digits 3 3 --sft-steps 300 --stage2-steps 150
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from typing import Any, Dict, List, Sequence, Tuple
+
+from redi_megatron.demo.model import DemoModelSpec
+
+
+def _pad(seqs: Sequence[Tuple[Sequence[int], Sequence[int]]], pad_id: int):
+    """(prompt, completion) id lists -> input_ids [B, S], loss_mask [B, S-1] (1 where the label is completion)."""
+    import torch
+
+    width = max(len(p) + len(c) for p, c in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width - 1))
+    for i, (p, c) in enumerate(seqs):
+        ids[i, : len(p) + len(c)] = torch.tensor(list(p) + list(c))
+        mask[i, len(p) - 1 : len(p) + len(c) - 1] = 1.0
+    return ids, mask
+
+
+def _token_logps(model: Any, ids: Any, mask: Any) -> Any:
+    """[B, S-1] log-prob of each next token, zero outside the completion."""
+    import torch
+
+    logits = model(input_ids=ids).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return logp * mask
+
+
+def _schedule(step: int, total: int, warmup: float) -> float:
+    w = max(1, int(total * warmup))
+    return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
+
+
+def train(model: Any, batches: List[Any], loss_kind: str, lr: float, alpha: float = 0.8,
+          warmup: float = 0.1, gamma: float = 0.0, log: List[Dict[str, float]] = None) -> Tuple[float, float]:
+    """Adam with linear warmup/decay over ``batches``; returns (wall, process CPU) seconds per step.
+
+    CPU seconds divided by the threads used estimate the wall time on an idle machine (the shared
+    development machine is rarely idle).
+
+    SFT batches: list of (prompt, completion); pair batches: list of (prompt, chosen, rejected).
+    """
+    import torch
+
+    from redi_megatron.losses.redi import redi_loss
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+    model.train()
+    start, cpu = time.perf_counter(), time.process_time()
+    for step, batch in enumerate(batches):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, len(batches), warmup)
+        if loss_kind == "sft":
+            ids, mask = _pad(batch, 0)
+            logp = _token_logps(model, ids, mask)
+            loss = -logp.sum() / mask.sum()
+            metrics = {"loss": float(loss.detach())}
+        else:
+            seqs = [(p, c) for p, c, _ in batch] + [(p, r) for p, _, r in batch]
+            ids, mask = _pad(seqs, 0)
+            seq_logp = _token_logps(model, ids, mask).sum(-1)
+            lens = mask.sum(-1)
+            n = len(batch)
+            losses, m = redi_loss(seq_logp[:n], seq_logp[n:], lens[:n], lens[n:], alpha=alpha,
+                                  neg_weighting_gamma=gamma)
+            loss = losses.mean()
+            metrics = {"loss": float(loss.detach()), "chosen": float(m["chosen_logps_norm"].mean()),
+                       "rejected": float(m["rejected_logps_norm"].mean())}
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if log is not None:
+            log.append(dict(metrics, step=step))
+    n = max(1, len(batches))
+    return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
+
+
+def _batches(items: List[Any], batch: int, steps: int, seed: int) -> List[List[Any]]:
+    import random
+
+    rng = random.Random(seed)
+    order: List[Any] = []
+    out = []
+    for _ in range(steps):
+        if len(order) < batch:
+            more = list(items)
+            rng.shuffle(more)
+            order += more
+        out.append(order[:batch])
+        order = order[batch:]
+    return out
+
+
+def throughput(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from redi_megatron.demo.teacher import TaskConfig, teacher_rows
+    from redi_megatron.demo.tokenizer import build_tokenizer
+    from redi_megatron.data.templates import encode_completions, encode_prompts
+
+    torch.set_num_threads(args.threads)
+    tok = build_tokenizer()
+    rows, _ = teacher_rows(64, 0, TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1]))
+    seqs = list(zip(encode_prompts(tok, [r["problem"] for r in rows]),
+                    encode_completions(tok, [r["generations"][0] for r in rows])))
+    for layers, hidden in zip(args.layers, args.hidden):
+        spec = DemoModelSpec(num_layers=layers, hidden_size=hidden, ffn_hidden_size=4 * hidden)
+        torch.manual_seed(0)
+        model = Qwen2ForCausalLM(spec.hf_config(tok))
+        batches = _batches(seqs, args.batch, args.steps + 2, 0)
+        train(model, batches[:2], "sft", 1e-3)
+        sec, cpu = train(model, batches[2:], "sft", 1e-3)
+        tokens = sum(len(p) + len(c) for b in batches[2:] for p, c in b) / args.steps
+        print(json.dumps({"layers": layers, "hidden": hidden, "params": spec.num_parameters(), "batch": args.batch,
+                          "tokens_per_step": tokens, "threads": torch.get_num_threads(),
+                          "wall_s_per_step": round(sec, 4), "cpu_s_per_step": round(cpu, 4),
+                          "tokens_per_wall_s": round(tokens / sec),
+                          "tokens_per_cpu_s": round(tokens / cpu)}), flush=True)
+
+
+def _evaluate(model: Any, tok: Any, eval_path: str, n: int, work: str, name: str, limit: int,
+              seed: int = 0, max_new_tokens: int = 160) -> Dict[str, Any]:
+    from redi_megatron.eval.config import EvalConfig
+    from redi_megatron.eval.runner import run_eval
+
+    path = os.path.join(work, name)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    # force_think=False: the traces open <think> themselves, as in training (what redi-demo does too)
+    cfg = EvalConfig(model=path, out=os.path.join(work, f"eval_{name}"), benchmarks=[eval_path], n=n,
+                     max_new_tokens=max_new_tokens, backend="hf", batch_size=64, grade_workers=1, progress=False,
+                     limit=limit, force_think=False, seed=seed)
+    t = time.perf_counter()
+    rep = run_eval(cfg)
+    b = next(iter(rep["benchmarks"].values()))
+    return {"pass@1": round(b["pass@1"], 4), "sem_rllm": round(b["sem"], 4), "eval_s": round(time.perf_counter() - t, 1)}
+
+
+def experiment(args: argparse.Namespace) -> None:
+    import copy
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from redi_megatron.data.curate import CurationConfig, curate
+    from redi_megatron.data.templates import encode_completions, encode_prompts
+    from redi_megatron.demo.teacher import TaskConfig, write_teacher_data
+    from redi_megatron.demo.tokenizer import build_tokenizer
+
+    torch.set_num_threads(args.threads)
+    work = args.work or tempfile.mkdtemp(prefix="redi_probe_")
+    os.makedirs(work, exist_ok=True)
+    task = TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1], error_rate=args.error_rate)
+    t0 = time.perf_counter()
+    teacher = write_teacher_data(os.path.join(work, "teacher"), args.problems, args.eval_problems, args.seed, task)
+    tok = build_tokenizer()
+    cur = os.path.join(work, "curated")
+    curate(CurationConfig(input=teacher.train_path, output=cur, tokenizer="", output_format="jsonl", num_proc=1,
+                          progress=False, overwrite=True), tokenizer=tok)
+    pos = [json.loads(x) for x in open(os.path.join(cur, "positives.jsonl"))]
+    pairs = [json.loads(x) for x in open(os.path.join(cur, "pairs.jsonl"))]
+    sft_items = list(zip(encode_prompts(tok, [r["problem"] for r in pos]),
+                         encode_completions(tok, [r["completion"] for r in pos])))
+    pair_items = list(zip(encode_prompts(tok, [r["problem"] for r in pairs]),
+                          encode_completions(tok, [r["chosen"] for r in pairs]),
+                          encode_completions(tok, [r["rejected"] for r in pairs])))
+    result: Dict[str, Any] = {"args": vars(args), "positives": len(pos), "pairs": len(pairs),
+                              "data_s": round(time.perf_counter() - t0, 1)}
+    spec = DemoModelSpec(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden)
+    sft_dir = os.path.join(work, "sft")
+    if os.path.exists(os.path.join(sft_dir, "probe_sft.json")):  # reuse the stage-1 model of an earlier call
+        model = Qwen2ForCausalLM.from_pretrained(sft_dir)
+        with open(os.path.join(sft_dir, "probe_sft.json")) as f:
+            result["sft"] = json.load(f)
+        if "pass@1" not in result["sft"]:
+            result["sft"].update(_evaluate(model, tok, teacher.eval_path, args.n, work, "sft", args.eval_limit,
+                                           args.seed, args.max_new_tokens))
+    else:
+        torch.manual_seed(args.seed)
+        model = Qwen2ForCausalLM(spec.hf_config(tok))
+        sft_log: List[Dict[str, float]] = []
+        sec, cpu = train(model, _batches(sft_items, args.batch, args.sft_steps, args.seed), "sft", args.lr,
+                         log=sft_log)
+        result["sft"] = {"steps": args.sft_steps, "lr": args.lr, "wall_s_per_step": round(sec, 3),
+                         "cpu_s_per_step": round(cpu, 3), "final_loss": sft_log[-1]["loss"]}
+        result["sft"].update(_evaluate(model, tok, teacher.eval_path, args.n, work, "sft", args.eval_limit, args.seed, args.max_new_tokens))
+        with open(os.path.join(sft_dir, "probe_sft.json"), "w") as f:
+            json.dump(result["sft"], f)
+    print(json.dumps(result), flush=True)
+    for name, alpha in (("redi", args.alpha), ("control", 0.0))[: 1 if args.skip_control else 2]:
+        m2 = copy.deepcopy(model)
+        log: List[Dict[str, float]] = []
+        sec, cpu = train(m2, _batches(pair_items, args.pair_batch, args.stage2_steps, args.seed + 1), "pairs",
+                         args.stage2_lr, alpha=alpha, gamma=args.gamma if alpha else 0.0, log=log)
+        result[name] = {"wall_s_per_step": round(sec, 3), "cpu_s_per_step": round(cpu, 3), "final": log[-1]}
+        result[name].update(_evaluate(m2, tok, teacher.eval_path, args.n, work, f"{name}_{args.tag}",
+                                      args.eval_limit, args.seed, args.max_new_tokens))
+        print(json.dumps({name: result[name]}), flush=True)
+    result["total_s"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def main(argv: Sequence[str] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m redi_megatron.demo.probe", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--layers", type=int, nargs="+", default=[2, 4, 4])
+    t.add_argument("--hidden", type=int, nargs="+", default=[64, 128, 256])
+    t.add_argument("--digits", type=int, nargs=2, default=[3, 3])
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--steps", type=int, default=10)
+    t.add_argument("--threads", type=int, default=2)
+    e = sub.add_parser("experiment")
+    e.add_argument("--digits", type=int, nargs=2, default=[3, 3])
+    e.add_argument("--problems", type=int, default=2000)
+    e.add_argument("--eval-problems", type=int, default=200)
+    e.add_argument("--eval-limit", type=int, default=None)
+    e.add_argument("--error-rate", type=float, default=0.35)
+    e.add_argument("--layers", type=int, default=4)
+    e.add_argument("--hidden", type=int, default=128)
+    e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--pair-batch", type=int, default=16)
+    e.add_argument("--sft-steps", type=int, default=300)
+    e.add_argument("--stage2-steps", type=int, default=150)
+    e.add_argument("--lr", type=float, default=1e-3)
+    e.add_argument("--stage2-lr", type=float, default=3e-4)
+    e.add_argument("--alpha", type=float, default=0.8)
+    e.add_argument("--gamma", type=float, default=0.0, help="REDI neg_weighting_gamma")
+    e.add_argument("--skip-control", action="store_true", help="only the REDI run of stage 2")
+    e.add_argument("--n", type=int, default=4)
+    e.add_argument("--max-new-tokens", type=int, default=160)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--threads", type=int, default=2)
+    e.add_argument("--json", default=None)
+    e.add_argument("--work", default=None, help="work directory; its SFT model is reused when present")
+    e.add_argument("--tag", default="run", help="names this call's stage-2 outputs in --work")
+    a = p.parse_args(argv)
+    throughput(a) if a.cmd == "throughput" else experiment(a)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,383 @@
+"""A synthetic "teacher" for the demo: column addition with step-by-step working, in the OpenR1-Math-Raw schema.
+
+Each problem gets several generations. Most are correct worked solutions; a share contain the mistakes a
+real reasoning model makes on arithmetic, and every later step stays consistent with the mistake (as a real
+trace would):
+
+* ``carry_slip``: a carry is forgotten (taken in or given out), so that column and the rest are off;
+* ``misread_digit``: a column uses a neighbouring digit of an operand (a digit alignment slip);
+* ``fact_slip``: a column sum is wrong by one (``7+8=14``);
+* ``dropped_digit``: the working is right but a digit is lost when reading off the result;
+* ``transposed_digits``: two neighbouring digits of the result are swapped;
+* ``comma_format``: the right number written with a thousands separator (``8,590``), which an LLM judge
+  accepts and an exact answer check rejects (a real source of disagreement between the two verifiers).
+
+Verifier labels imitate OpenR1's: ``math_verify_*`` is an exact check of the boxed answer (what math-verify
+does on integers), ``llama_verification`` is a judge that agrees with it most of the time but is
+occasionally too strict, is fooled by near-misses (transposed digits more than other errors) and is
+sometimes missing (null). All randomness comes from one seed, so the rows are reproducible.
+
+A trace (completion) restates the operands, then names each column by its place value, which is what
+lets a tiny model find the digits it needs (without the place names a 1M-parameter model did not learn
+the digit look-up within the demo's budget; docs/demo.md)::
+
+    <think>
+    4729 + 3861, column by column from the right.
+    ones: 9+1=10, write 0, carry 1.
+    tens: 2+6+1=9, write 9, carry 0.
+    hundreds: 7+8=15, write 5, carry 1.
+    thousands: 4+3+1=8, write 8, carry 0.
+    Reading the digits from the left: 8590.
+    </think>
+
+    The answer is $\\boxed{8590}$.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format")
+SOURCE = "redi_demo_addition"
+PROBLEM_TEMPLATES = (
+    "Compute ${a} + {b}$.",
+    "What is ${a} + {b}$?",
+    "Find the sum of ${a}$ and ${b}$.",
+    "Calculate ${a}+{b}$.",
+)
+PLACES = ("ones", "tens", "hundreds", "thousands", "ten-thousands", "hundred-thousands", "millions",
+          "ten-millions", "hundred-millions")
+MAX_DIGITS = len(PLACES)
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the teacher writes.
+
+    Attributes:
+        min_digits, max_digits: operand lengths (each operand drawn independently, leading digit non-zero).
+        generations: traces per problem (OpenR1-Math-Raw has 2 to 8).
+        error_rate: probability that a trace contains a mistake.
+        error_weights: relative frequency of each mode in ``ERROR_MODES`` among the mistaken traces.
+        judge_strict_rate: P(llama judge rejects a correct trace).
+        judge_fooled_rate: P(judge accepts a wrong trace) per error mode (near-misses fool it more).
+        judge_null_rate: P(judge label is null).
+        mv_parse_fail_rate: P(math_verify_answer, the un-reparsed check, fails on a correct trace).
+    """
+
+    min_digits: int = 3
+    max_digits: int = 3
+    generations: int = 4
+    error_rate: float = 0.35
+    error_weights: Tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10)
+    judge_strict_rate: float = 0.03
+    judge_fooled_rate: Tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95)
+    judge_null_rate: float = 0.005
+    mv_parse_fail_rate: float = 0.02
+
+    def validate(self) -> None:
+        """ValueError naming the offending field."""
+        if not 1 <= self.min_digits <= self.max_digits <= MAX_DIGITS:
+            raise ValueError(f"TaskConfig: need 1 <= min_digits <= max_digits <= {MAX_DIGITS}, got "
+                             f"{self.min_digits}, {self.max_digits}")
+        if self.generations < 1:
+            raise ValueError(f"TaskConfig.generations must be >= 1, got {self.generations}")
+        for name in ("error_rate", "judge_strict_rate", "judge_null_rate", "mv_parse_fail_rate"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"TaskConfig.{name} must be in [0, 1], got {v}")
+        for name in ("error_weights", "judge_fooled_rate"):
+            v = getattr(self, name)
+            if len(v) != len(ERROR_MODES):
+                raise ValueError(f"TaskConfig.{name} needs one value per mode {ERROR_MODES}, got {v}")
+        if any(w < 0 for w in self.error_weights) or sum(self.error_weights) <= 0:
+            raise ValueError(f"TaskConfig.error_weights must be >= 0 with a positive sum, got {self.error_weights}")
+        if any(not 0.0 <= p <= 1.0 for p in self.judge_fooled_rate):
+            raise ValueError(f"TaskConfig.judge_fooled_rate values must be in [0, 1], got {self.judge_fooled_rate}")
+
+
+@dataclass
+class Trace:
+    """One generation: its text, the boxed answer string and what went wrong (None = a correct trace)."""
+
+    text: str
+    boxed: str
+    error: Optional[str] = None
+
+
+# ---------------------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------------------
+def _operand(rng: random.Random, cfg: TaskConfig) -> int:
+    n = rng.randint(cfg.min_digits, cfg.max_digits)
+    return rng.randint(10 ** (n - 1) if n > 1 else 0, 10**n - 1)
+
+
+def sample_problems(rng: random.Random, cfg: TaskConfig, count: int,
+                    exclude: Iterable[Tuple[int, int]] = ()) -> List[Tuple[int, int]]:
+    """``count`` distinct operand pairs ``(a, b)``; a pair in ``exclude`` (in either order) is never drawn.
+
+    ValueError when the operand space is too small for ``count`` new pairs.
+    """
+    lo = 10 ** (cfg.min_digits - 1) if cfg.min_digits > 1 else 0
+    space = (10**cfg.max_digits - lo) ** 2
+    seen = {tuple(sorted(p)) for p in exclude}
+    if count > (space - len(seen)) // 2:
+        raise ValueError(f"cannot draw {count} distinct problems with {cfg.min_digits}-{cfg.max_digits} digit "
+                         f"operands ({len(seen)} excluded); use more digits or fewer problems")
+    out: List[Tuple[int, int]] = []
+    while len(out) < count:
+        a, b = _operand(rng, cfg), _operand(rng, cfg)
+        key = (min(a, b), max(a, b))
+        if key not in seen:
+            seen.add(key)
+            out.append((a, b))
+    return out
+
+
+def problem_text(a: int, b: int, rng: random.Random) -> str:
+    return rng.choice(PROBLEM_TEMPLATES).format(a=a, b=b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Traces
+# ---------------------------------------------------------------------------------------------------
+def _digits(x: int, width: int) -> List[int]:
+    """Digits of ``x`` from the right (units first), zero-padded to ``width``."""
+    return [(x // 10**i) % 10 for i in range(width)]
+
+
+def _columns(a: int, b: int, slip: Optional[Tuple[str, int]] = None, misread: int = 0
+             ) -> Tuple[List[str], List[int]]:
+    """Lines of the column working and the written result digits (units first).
+
+    ``slip = (kind, column)`` injects one mistake at that column: "carry_in" drops the incoming carry,
+    "carry_out" forgets to carry, "fact+"/"fact-" get the column sum wrong by one, "misread_a"/"misread_b"
+    use ``misread`` instead of that operand's digit. Later columns follow the slip.
+    """
+    width = max(len(str(a)), len(str(b)))
+    da, db = _digits(a, width), _digits(b, width)
+    if slip is not None and slip[0].startswith("misread"):
+        (da if slip[0] == "misread_a" else db)[slip[1]] = misread
+    lines, written, carry = [], [], 0
+    for i in range(width):
+        cin = 0 if slip == ("carry_in", i) else carry
+        s = da[i] + db[i] + cin
+        if slip is not None and slip[0].startswith("fact") and slip[1] == i:
+            s += 1 if slip[0] == "fact+" or s == 0 else -1
+        lhs = f"{da[i]}+{db[i]}" + (f"+{cin}" if cin else "")
+        digit, carry = s % 10, s // 10
+        if slip == ("carry_out", i):
+            carry = 0
+        lines.append(f"{PLACES[i]}: {lhs}={s}, write {digit}, carry {carry}.")
+        written.append(digit)
+    if carry:
+        lines.append(f"Bring down the final carry {carry}.")
+        written.append(carry)
+    return lines, written
+
+
+def _render(a: int, b: int, lines: Sequence[str], reading: str, boxed: str) -> str:
+    intro = f"{a} + {b}, column by column from the right."
+    body = "\n".join([intro, *lines, f"Reading the digits from the left: {reading}."])
+    return f"<think>\n{body}\n</think>\n\nThe answer is $\\boxed{{{boxed}}}$."
+
+
+def correct_trace(a: int, b: int) -> Trace:
+    lines, written = _columns(a, b)
+    result = "".join(str(d) for d in reversed(written))
+    assert int(result) == a + b
+    return Trace(_render(a, b, lines, result, result), result)
+
+
+def _slip_trace(a: int, b: int, rng: random.Random, mode: str) -> Optional[Trace]:
+    width = max(len(str(a)), len(str(b)))
+    _, written = _columns(a, b)
+    carries_in = [i for i in range(1, width) if (a % 10**i + b % 10**i) >= 10**i]
+    carries_out = [i for i in range(width) if (a % 10 ** (i + 1) + b % 10 ** (i + 1)) >= 10 ** (i + 1)]
+    misread = 0
+    if mode == "carry_slip":
+        options = [("carry_in", i) for i in carries_in] + [("carry_out", i) for i in carries_out]
+        if not options:
+            return None  # no carry to forget in this problem
+        slip = rng.choice(options)
+    elif mode == "misread_digit":
+        operand, i = rng.choice([(x, col) for x in "ab" for col in range(len(str(a if x == "a" else b)))])
+        digits = _digits(a if operand == "a" else b, width)
+        # the digit of a neighbouring place, as when columns are misaligned
+        neighbours = [digits[j] for j in (i - 1, i + 1) if 0 <= j < width and digits[j] != digits[i]]
+        if not neighbours:
+            return None
+        slip, misread = (f"misread_{operand}", i), rng.choice(neighbours)
+    else:
+        slip = (rng.choice(["fact+", "fact-"]), rng.randrange(width))
+    lines, written = _columns(a, b, slip, misread)
+    result = "".join(str(d) for d in reversed(written)).lstrip("0") or "0"
+    return Trace(_render(a, b, lines, result, result), result, mode)
+
+
+def _reading_trace(a: int, b: int, rng: random.Random, mode: str) -> Optional[Trace]:
+    lines, written = _columns(a, b)
+    digits = [str(d) for d in reversed(written)]
+    if len(digits) < 2:
+        return None
+    if mode == "dropped_digit":
+        del digits[rng.randrange(len(digits))]
+    else:
+        swappable = [i for i in range(len(digits) - 1) if digits[i] != digits[i + 1]]
+        if not swappable:
+            return None
+        i = rng.choice(swappable)
+        digits[i], digits[i + 1] = digits[i + 1], digits[i]
+    result = "".join(digits)
+    if result.startswith("0"):
+        return None
+    return Trace(_render(a, b, lines, result, result), result, mode)
+
+
+def _comma_trace(a: int, b: int) -> Optional[Trace]:
+    total = a + b
+    if total < 1000:
+        return None
+    lines, _ = _columns(a, b)
+    return Trace(_render(a, b, lines, str(total), f"{total:,}"), f"{total:,}", "comma_format")
+
+
+def wrong_trace(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Trace:
+    """A trace with one mistake; modes that do not apply to this problem are redrawn."""
+    for _ in range(100):
+        mode = rng.choices(ERROR_MODES, weights=cfg.error_weights)[0]
+        if mode in ("carry_slip", "misread_digit", "fact_slip"):
+            t = _slip_trace(a, b, rng, mode)
+        elif mode == "comma_format":
+            t = _comma_trace(a, b)
+        else:
+            t = _reading_trace(a, b, rng, mode)
+        if t is not None and (t.error == "comma_format" or t.boxed != str(a + b)):
+            return t
+    # Every problem admits a fact slip, which always changes the sum.
+    t = _slip_trace(a, b, rng, "fact_slip")
+    assert t is not None and t.boxed != str(a + b)
+    return t
+
+
+def generate_traces(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> List[Trace]:
+    return [wrong_trace(a, b, rng, cfg) if rng.random() < cfg.error_rate else correct_trace(a, b)
+            for _ in range(cfg.generations)]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Verifier labels and rows
+# ---------------------------------------------------------------------------------------------------
+def verifier_labels(trace: Trace, gold: str, rng: random.Random, cfg: TaskConfig
+                    ) -> Tuple[Optional[bool], bool, bool]:
+    """(llama_verification, math_verify_answer, math_verify_reparsed_answer) of one trace."""
+    exact = trace.boxed == gold
+    reparsed = exact
+    answer = exact and rng.random() >= cfg.mv_parse_fail_rate
+    if rng.random() < cfg.judge_null_rate:
+        return None, answer, reparsed
+    if trace.error is None:
+        return rng.random() >= cfg.judge_strict_rate, answer, reparsed
+    fooled = cfg.judge_fooled_rate[ERROR_MODES.index(trace.error)]
+    return rng.random() < fooled, answer, reparsed
+
+
+def make_row(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Tuple[Dict[str, Any], List[Trace]]:
+    """One OpenR1-Math-Raw row (and its traces, for statistics)."""
+    gold = str(a + b)
+    traces = generate_traces(a, b, rng, cfg)
+    labels = [verifier_labels(t, gold, rng, cfg) for t in traces]
+    row = {
+        "problem": problem_text(a, b, rng),
+        "solution": f"Adding column by column, ${a} + {b} = {gold}$.",
+        "answer": gold,
+        "problem_type": "Arithmetic",
+        "question_type": "math-word-problem",
+        "problem_is_valid": "Yes",
+        "solution_is_valid": "Yes",
+        "source": SOURCE,
+        "synthetic": True,
+        "generations": [t.text for t in traces],
+        "generations_count": len(traces),
+        "correctness": {
+            "llama_verification": [lab[0] for lab in labels],
+            "math_verify_answer": [lab[1] for lab in labels],
+            "math_verify_reparsed_answer": [lab[2] for lab in labels],
+        },
+        "reparsed_answers": [gold] * len(traces),
+    }
+    return row, traces
+
+
+@dataclass
+class TeacherOutput:
+    """What :func:`write_teacher_data` wrote, with counts for the report."""
+
+    train_path: str
+    eval_path: str
+    num_train: int
+    num_eval: int
+    stats: Dict[str, Any] = field(default_factory=dict)
+
+
+def teacher_rows(num_problems: int, seed: int, cfg: TaskConfig = TaskConfig()
+                 ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+    """``num_problems`` rows for ``seed`` and statistics (error modes, label agreement, pair yield)."""
+    cfg.validate()
+    rng = random.Random(f"redi-demo-teacher-{seed}")
+    problems = sample_problems(rng, cfg, num_problems)
+    rows, modes, agree = [], Counter(), Counter()
+    for a, b in problems:
+        row, traces = make_row(a, b, rng, cfg)
+        rows.append(row)
+        modes.update(t.error or "correct" for t in traces)
+        c = row["correctness"]
+        for llama, reparsed in zip(c["llama_verification"], c["math_verify_reparsed_answer"]):
+            agree["null" if llama is None else ("agree" if llama == reparsed else "disagree")] += 1
+    stats = {"traces_by_error_mode": dict(modes), "judge_vs_math_verify": dict(agree)}
+    return rows, stats
+
+
+def eval_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterable[Tuple[int, int]]
+                  ) -> List[Dict[str, str]]:
+    """Held-out problems ``{"id", "problem", "answer"}`` (the ``redi-eval`` custom-benchmark schema)."""
+    cfg.validate()
+    rng = random.Random(f"redi-demo-eval-{seed}")
+    pairs = sample_problems(rng, cfg, num_problems, exclude=exclude)
+    return [{"id": f"add-{k:04d}", "problem": problem_text(a, b, rng), "answer": str(a + b)}
+            for k, (a, b) in enumerate(pairs)]
+
+
+def operands(row: Dict[str, Any]) -> Tuple[int, int]:
+    """The operand pair of a teacher row (parsed back from its ``solution``)."""
+    text = row["solution"].split("$")[1]
+    a, rest = text.split(" + ")
+    return int(a), int(rest.split(" = ")[0])
+
+
+def _write_jsonl(rows: Iterable[Dict[str, Any]], path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_teacher_data(out_dir: str, num_train: int, num_eval: int, seed: int,
+                       cfg: TaskConfig = TaskConfig()) -> TeacherOutput:
+    """Write ``raw.jsonl`` (OpenR1-Math-Raw rows), ``eval.jsonl`` (held-out problems) and ``teacher.json``."""
+    os.makedirs(out_dir, exist_ok=True)
+    rows, stats = teacher_rows(num_train, seed, cfg)
+    held_out = eval_problems(num_eval, seed, cfg, exclude=[operands(r) for r in rows])
+    train_path, eval_path = os.path.join(out_dir, "raw.jsonl"), os.path.join(out_dir, "eval.jsonl")
+    _write_jsonl(rows, train_path)
+    _write_jsonl(held_out, eval_path)
+    out = TeacherOutput(train_path, eval_path, len(rows), len(held_out), stats)
+    with open(os.path.join(out_dir, "teacher.json"), "w", encoding="utf-8") as f:
+        json.dump({"task": asdict(cfg), "seed": seed, **asdict(out)}, f, indent=2)
+    return out
