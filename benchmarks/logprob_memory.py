@@ -20,7 +20,6 @@ not run). Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -21,7 +21,6 @@ import random
 import statistics
 import sys
 import tempfile
-import time
 
 
 def _write_data(root: str, n_pairs: int, words: int, seed: int) -> tuple[str, str]:

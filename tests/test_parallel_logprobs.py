@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from redi_megatron.losses import get_loss
-from redi_megatron.parallel.context import cp_local_positions, split_for_cp
+from redi_megatron.parallel.context import cp_local_positions
 from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
 from redi_megatron.parallel.reductions import seq_ids_from_cu_seqlens, sequence_sums

@@ -28,9 +28,9 @@ def _init_groups(cfg: RunConfig):
                 ps.get_context_parallel_world_size())
         if have != (p.tp, p.pp, p.cp):
             raise ValueError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
-        return groups(), False
+        return groups()
     p = cfg.parallel
-    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed), True
+    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
 
 
 def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
@@ -41,7 +41,7 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
 
     model_cfg, spec, hparams = validate(cfg, world_size())
     tokenizer_dir = resolve_tokenizer_dir(cfg)
-    grps, _ = _init_groups(cfg)
+    grps = _init_groups(cfg)
     ckpt.ensure_run_dir(cfg.checkpoint.save_dir)
     dataset, sampler = build_data(cfg, spec, tokenizer_dir, grps)
     steps = total_steps(cfg, sampler.steps_per_epoch)
