@@ -107,6 +107,7 @@ def _run_logged(args: List[str], env: Dict[str, str], log_path: str, echo: bool)
         # A new session: on Ctrl-C or failure the whole tree we started (torchrun's ranks too) is ended.
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
+        beat = _Heartbeat()
         try:
             assert proc.stdout is not None
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
@@ -114,6 +115,8 @@ def _run_logged(args: List[str], env: Dict[str, str], log_path: str, echo: bool)
                 if echo:
                     sys.stdout.buffer.write(chunk)
                     sys.stdout.flush()
+                else:
+                    beat.feed(chunk)
             rc = proc.wait()
         except BaseException:
             _end_group(proc)
@@ -121,6 +124,22 @@ def _run_logged(args: List[str], env: Dict[str, str], log_path: str, echo: bool)
     if rc != 0:
         raise StageError(f"`{shlex.join(args)}` exited with status {rc}; last lines of {log_path}:\n"
                          + tail(log_path))
+
+
+class _Heartbeat:
+    """Quiet mode: every ``every`` seconds, the tool's latest output line (its progress), indented."""
+
+    def __init__(self, every: float = 20.0) -> None:
+        self.every, self.last_print, self.line = every, time.monotonic(), ""
+
+    def feed(self, chunk: bytes) -> None:
+        # tqdm redraws with carriage returns: the newest state is after the last one
+        parts = [p.strip() for p in chunk.decode("utf-8", "replace").replace("\r", "\n").split("\n")]
+        self.line = next((p for p in reversed(parts) if p), self.line)
+        now = time.monotonic()
+        if self.line and now - self.last_print >= self.every:
+            print(f"      .. {self.line[:110]}", flush=True)
+            self.last_print = now
 
 
 def _end_group(proc: subprocess.Popen) -> None:
