@@ -173,7 +173,7 @@ def test_quick_demo_first_stages_run_and_resume(tmp_path, capsys):
 
 def test_quiet_mode_heartbeat_shows_the_latest_progress_line(capsys):
     beat = runner._Heartbeat(every=0.0)
-    beat.feed(b"loading\n[sft] step 1/9 | loss 2.0\r[sft] step 2/9 | loss 1.5\r")
+    beat.feed(b"loading\n[sft] step 1/9 | loss 2.0\r\x1b[A[sft] step 2/9 | loss 1.5\r")
     assert capsys.readouterr().out.strip() == ".. [sft] step 2/9 | loss 1.5"
     slow = runner._Heartbeat(every=3600.0)
     slow.feed(b"step 3/9\n")

@@ -102,6 +102,23 @@ def test_slips_are_carried_through_consistently():
     assert written == [5, 1, 1]
 
 
+def test_misread_digit_takes_a_neighbouring_place():
+    rng = random.Random(4)
+    for _ in range(50):
+        a, b = rng.randint(100, 99999), rng.randint(100, 99999)
+        t = T._slip_trace(a, b, rng, "misread_digit")
+        if t is None:
+            continue
+        width = max(len(str(a)), len(str(b)))
+        da, db = T._digits(a, width), T._digits(b, width)
+        used = [(int(m.group(1)), int(m.group(2))) for m in _columns_of(t.text)]
+        wrong = [(i, x, y) for i, (x, y) in enumerate(used) if (x, y) != (da[i], db[i])]
+        assert len(wrong) == 1, t.text
+        i, x, y = wrong[0]
+        digits, got = (da, x) if x != da[i] else (db, y)
+        assert got in [digits[j] for j in (i - 1, i + 1) if 0 <= j < width]
+
+
 def test_labels_agree_mostly_and_disagree_sometimes(rows_and_stats):
     rows, stats = rows_and_stats
     agreement = stats["judge_vs_math_verify"]

@@ -4,12 +4,14 @@ Not part of the pipeline (``redi-demo`` trains with ``redi-train`` on Megatron-C
 stand-in answers the questions that choose the demo's task and budget on a given machine:
 
 * ``throughput``: training tokens/s and step time of candidate model sizes;
+* ``curve``: SFT on correct traces with greedy held-out accuracy (by operand length) every few steps;
 * ``experiment``: teacher -> curate -> SFT on positives -> stage 2 on pairs with REDI and with alpha = 0
   (SFT on the same positives for the same steps, the control) -> pass@1 of each on held-out problems.
 
 Usage::
 
     python -m redi_megatron.demo.probe throughput --layers 4 --hidden 128
+    python -m redi_megatron.demo.probe curve --digits 2 5 --layers 2 --hidden 64 --steps 1500 --batch 16
     python -m redi_megatron.demo.probe experiment --digits 3 3 --sft-steps 300 --stage2-steps 150
 """
 from __future__ import annotations
@@ -141,6 +143,104 @@ def throughput(args: argparse.Namespace) -> None:
                           "tokens_per_cpu_s": round(tokens / cpu)}), flush=True)
 
 
+def _greedy_accuracy(model: Any, tok: Any, problems: List[Tuple[int, int]], texts: List[str],
+                     max_new_tokens: int) -> Tuple[float, Dict[int, float]]:
+    """Greedy exact-match accuracy overall and by the longer operand's digit count."""
+    import re
+
+    import torch
+
+    from redi_megatron.data.templates import render_prompt
+
+    enc = [tok(render_prompt(t), add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(len(e) for e in enc)
+    ids = torch.full((len(enc), width), tok.pad_token_id)
+    mask = torch.zeros((len(enc), width), dtype=torch.long)
+    for i, e in enumerate(enc):  # left padding
+        ids[i, width - len(e):] = torch.tensor(e)
+        mask[i, width - len(e):] = 1
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>")])
+    model.train()
+    by_len: Dict[int, List[bool]] = {}
+    for i, (a, b) in enumerate(problems):
+        m = re.search(r"\\boxed\{(\d+)\}", tok.decode(out[i, width:]))
+        by_len.setdefault(max(len(str(a)), len(str(b))), []).append(bool(m) and m.group(1) == str(a + b))
+    total = sum(sum(v) for v in by_len.values()) / len(problems)
+    return total, {k: round(sum(v) / len(v), 3) for k, v in sorted(by_len.items())}
+
+
+def _plain(trace: str) -> str:
+    """The trace without the restated operands and the place names (``9+1=10, write 0, carry 1.``)."""
+    import re
+
+    lines = trace.split("\n")
+    lines[1] = "Add the digits column by column, starting from the right."
+    return "\n".join(re.sub(r"^[a-z-]+: (?=\d)", "", line) for line in lines)
+
+
+def curve(args: argparse.Namespace) -> None:
+    """SFT on one correct trace per problem; greedy accuracy on held-out problems every ``--every`` steps."""
+    import random
+
+    import torch
+    from transformers import Qwen2ForCausalLM
+
+    from redi_megatron.data.templates import encode_completions, encode_prompts
+    from redi_megatron.demo.teacher import TaskConfig, correct_trace, problem_text, sample_problems
+    from redi_megatron.demo.tokenizer import build_tokenizer
+
+    torch.set_num_threads(args.threads)
+    rng = random.Random(args.seed)
+    problems = sample_problems(rng, TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1]),
+                               args.problems + args.eval_problems)
+    train_p, held = problems[: args.problems], problems[args.problems:]
+    tok = build_tokenizer()
+    traces = [correct_trace(a, b).text for a, b in train_p]
+    if args.plain:
+        traces = [_plain(t) for t in traces]
+    items = list(zip(encode_prompts(tok, [problem_text(a, b, rng) for a, b in train_p]),
+                     encode_completions(tok, traces)))
+    held_texts = [problem_text(a, b, rng) for a, b in held]
+    spec = DemoModelSpec(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden)
+    torch.manual_seed(args.seed)
+    model = Qwen2ForCausalLM(spec.hf_config(tok))
+    batches = _batches(items, args.batch, args.steps, args.seed)
+    for start in range(0, args.steps, args.every):
+        log: List[Dict[str, float]] = []
+        # one schedule over all steps, trained in slices so accuracy can be measured in between
+        sec, cpu = train_slice(model, batches, start, min(start + args.every, args.steps), args.lr, log)
+        acc, by_len = _greedy_accuracy(model, tok, held, held_texts, args.max_new_tokens)
+        print(json.dumps({"step": start + len(log), "loss": round(log[-1]["loss"], 4), "greedy": round(acc, 3),
+                          "by_digits": by_len, "wall_s_per_step": round(sec, 3),
+                          "cpu_s_per_step": round(cpu, 3)}), flush=True)
+
+
+def train_slice(model: Any, batches: List[Any], start: int, stop: int, lr: float,
+                log: List[Dict[str, float]], warmup: float = 0.1) -> Tuple[float, float]:
+    """SFT steps ``[start, stop)`` of a schedule over ``len(batches)`` steps (optimizer kept on the model)."""
+    import torch
+
+    opt = getattr(model, "_probe_opt", None)
+    if opt is None:
+        opt = model._probe_opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    t, c = time.perf_counter(), time.process_time()
+    for step in range(start, stop):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, len(batches), warmup)
+        ids, mask = _pad(batches[step], 0)
+        loss = -_token_logps(model, ids, mask).sum() / mask.sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        log.append({"loss": float(loss.detach()), "step": step})
+    n = max(1, stop - start)
+    return (time.perf_counter() - t) / n, (time.process_time() - c) / n
+
+
 def _evaluate(model: Any, tok: Any, eval_path: str, n: int, work: str, name: str, limit: int,
               seed: int = 0, max_new_tokens: int = 160) -> Dict[str, Any]:
     from redi_megatron.eval.config import EvalConfig
@@ -236,6 +336,20 @@ def main(argv: Sequence[str] = None) -> int:
     t.add_argument("--batch", type=int, default=32)
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--threads", type=int, default=2)
+    c = sub.add_parser("curve")
+    c.add_argument("--digits", type=int, nargs=2, default=[2, 5])
+    c.add_argument("--problems", type=int, default=2000)
+    c.add_argument("--eval-problems", type=int, default=128)
+    c.add_argument("--layers", type=int, default=2)
+    c.add_argument("--hidden", type=int, default=64)
+    c.add_argument("--batch", type=int, default=16)
+    c.add_argument("--steps", type=int, default=1500)
+    c.add_argument("--every", type=int, default=300)
+    c.add_argument("--lr", type=float, default=3e-3)
+    c.add_argument("--max-new-tokens", type=int, default=224)
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--threads", type=int, default=2)
+    c.add_argument("--plain", action="store_true", help="traces without restated operands and place names")
     e = sub.add_parser("experiment")
     e.add_argument("--digits", type=int, nargs=2, default=[3, 3])
     e.add_argument("--problems", type=int, default=2000)
@@ -261,7 +375,7 @@ def main(argv: Sequence[str] = None) -> int:
     e.add_argument("--work", default=None, help="work directory; its SFT model is reused when present")
     e.add_argument("--tag", default="run", help="names this call's stage-2 outputs in --work")
     a = p.parse_args(argv)
-    throughput(a) if a.cmd == "throughput" else experiment(a)
+    {"throughput": throughput, "curve": curve, "experiment": experiment}[a.cmd](a)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 STATE_FILE = "demo_state.json"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -134,7 +136,8 @@ class _Heartbeat:
 
     def feed(self, chunk: bytes) -> None:
         # tqdm redraws with carriage returns: the newest state is after the last one
-        parts = [p.strip() for p in chunk.decode("utf-8", "replace").replace("\r", "\n").split("\n")]
+        text = _ANSI.sub("", chunk.decode("utf-8", "replace"))  # tqdm's cursor moves
+        parts = [p.strip() for p in text.replace("\r", "\n").split("\n")]
         self.line = next((p for p in reversed(parts) if p), self.line)
         now = time.monotonic()
         if self.line and now - self.last_print >= self.every:

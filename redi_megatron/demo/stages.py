@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from redi_megatron.demo.config import DemoConfig, StageBudget
 from redi_megatron.demo.runner import Context, Stage, Tool
 
-CURATE = Tool("redi-curate", "redi_megatron.data.curate", "the data engineer's redi_megatron/data/curate.py")
+CURATE = Tool("redi-curate", "redi_megatron.data.curate", "redi_megatron/data/curate.py")
 HF_TO_MEGATRON = Tool("redi-hf-to-megatron", "checkpoint_tools.hf_to_megatron", "checkpoint_tools/hf_to_megatron.py")
 MEGATRON_TO_HF = Tool("redi-megatron-to-hf", "checkpoint_tools.megatron_to_hf", "checkpoint_tools/megatron_to_hf.py")
 TRAIN = Tool("redi-train", "redi_megatron.training.cli", "redi_megatron/training/cli.py")

@@ -17,9 +17,8 @@ does on integers), ``llama_verification`` is a judge that agrees with it most of
 occasionally too strict, is fooled by near-misses (transposed digits more than other errors) and is
 sometimes missing (null). All randomness comes from one seed, so the rows are reproducible.
 
-A trace (completion) restates the operands, then names each column by its place value, which is what
-lets a tiny model find the digits it needs (without the place names a 1M-parameter model did not learn
-the digit look-up within the demo's budget; docs/demo.md)::
+A trace (completion) restates the operands, then names each column by its place value (a tiny model
+learns this format as fast as bare ``9+1=10, ...`` lines; docs/demo.md)::
 
     <think>
     4729 + 3861, column by column from the right.
@@ -196,7 +195,6 @@ def correct_trace(a: int, b: int) -> Trace:
 
 def _slip_trace(a: int, b: int, rng: random.Random, mode: str) -> Optional[Trace]:
     width = max(len(str(a)), len(str(b)))
-    _, written = _columns(a, b)
     carries_in = [i for i in range(1, width) if (a % 10**i + b % 10**i) >= 10**i]
     carries_out = [i for i in range(width) if (a % 10 ** (i + 1) + b % 10 ** (i + 1)) >= 10 ** (i + 1)]
     misread = 0
