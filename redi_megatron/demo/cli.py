@@ -1,9 +1,10 @@
 """``redi-demo``: the whole REDI pipeline on a CPU in minutes, on a built-in arithmetic task.
 
-    redi-demo --out demo_run            # about 15 minutes on 2 cores
-    redi-demo --out demo_quick --quick  # CI-sized, a few minutes
+    redi-demo --out demo_run            # 9-11 minutes on 2 cores
+    redi-demo --out demo_quick --quick  # CI-sized, about 3 minutes
 
 Rerunning the same command resumes: finished stages whose outputs are intact are skipped.
+What the demo shows, and how its settings were chosen: docs/demo.md.
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ OWNED = ("teacher", "tokenizer", "models", "curated", "megatron", "configs", "ru
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redi-demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--out", required=True, help="output directory (created; rerunning resumes)")
+    first, rest = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(prog="redi-demo", description=first,
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=rest)
+    p.add_argument("--out", help="output directory (created; rerunning resumes); required unless --list-stages")
     p.add_argument("--quick", action="store_true", help="CI-sized run: smaller task, budgets and evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the teacher, the model init and the training data")
     p.add_argument("--until", default=None, help="stop after this stage (see --list-stages)")
@@ -76,6 +78,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.list_stages:
         print(_describe(stages))
         return 0
+    if not args.out:
+        raise ValueError("--out DIR is required")
     missing = missing_tools(stages)
     if missing:
         lines = [f"  - {tool}: needed by {', '.join(names)}" for tool, names in missing.items()]
