@@ -178,3 +178,16 @@ def test_quiet_mode_heartbeat_shows_the_latest_progress_line(capsys):
     slow = runner._Heartbeat(every=3600.0)
     slow.feed(b"step 3/9\n")
     assert capsys.readouterr().out == ""  # at most one line per interval
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_model_spec_counts_the_parameters_hf_builds(tied):
+    from transformers import Qwen2ForCausalLM
+
+    from redi_megatron.demo.model import DemoModelSpec
+    from redi_megatron.demo.tokenizer import build_tokenizer
+
+    spec = DemoModelSpec(num_layers=2, hidden_size=64, ffn_hidden_size=256, tie_word_embeddings=tied)
+    model = Qwen2ForCausalLM(spec.hf_config(build_tokenizer()))
+    assert spec.num_parameters() == sum(p.numel() for p in model.parameters())
+    assert spec.trainer_overrides()["tie_word_embeddings"] is tied

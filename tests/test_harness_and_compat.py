@@ -1,6 +1,7 @@
 """The multi-rank harness and the CPU redirects behave as documented."""
 from __future__ import annotations
 
+import tempfile
 import time
 
 import pytest
@@ -49,12 +50,14 @@ def _hang():
     dist.barrier()
 
 
-def test_hung_collective_times_out_with_stacks():
+def test_hung_collective_times_out_with_stacks(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     start = time.monotonic()
     with pytest.raises(RankFailed, match="did not finish") as err:
         run_distributed(_hang, 2, timeout=3)
     assert time.monotonic() - start < 30
     assert "_hang" in str(err.value)  # the stuck rank's stack names where it was
+    assert not list(tmp_path.glob("redi_ranks_*"))  # the stack files are not left behind
 
 
 def test_bad_layout_is_rejected():

@@ -1,6 +1,6 @@
 """``redi-demo``: the whole REDI pipeline on a CPU in minutes, on a built-in arithmetic task.
 
-    redi-demo --out demo_run            # 9-11 minutes on 2 cores
+    redi-demo --out demo_run            # about 8 minutes on 2 idle cores
     redi-demo --out demo_quick --quick  # CI-sized, about 3 minutes
 
 Rerunning the same command resumes: finished stages whose outputs are intact are skipped.

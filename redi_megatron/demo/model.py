@@ -27,6 +27,7 @@ class DemoModelSpec:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     init_method_std: float = 0.02
+    tie_word_embeddings: bool = True
 
     def validate(self, tokenizer_size: int) -> None:
         """ValueError when the tokenizer does not fit or TP=2 could not shard the model."""
@@ -43,7 +44,8 @@ class DemoModelSpec:
         kv = self.num_query_groups * head
         attn = h * h + 2 * h * kv + h + 2 * kv + h * h  # q, k, v (with bias), o
         layer = attn + 3 * h * f + 2 * h
-        return self.num_layers * layer + self.vocab_size * h + h
+        embeddings = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * layer + embeddings + h
 
     def hf_config(self, tokenizer: Any) -> Any:
         """``transformers.Qwen2Config`` of this spec (ids of the special tokens from ``tokenizer``)."""
@@ -55,7 +57,7 @@ class DemoModelSpec:
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_query_groups, max_position_embeddings=self.max_position_embeddings,
             rope_theta=self.rope_theta, rms_norm_eps=self.norm_eps, initializer_range=self.init_method_std,
-            tie_word_embeddings=True, hidden_act="silu", attention_dropout=0.0, use_sliding_window=False,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu", attention_dropout=0.0, use_sliding_window=False,
             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, torch_dtype="float32",
         )
 
@@ -67,7 +69,7 @@ class DemoModelSpec:
             "num_query_groups": self.num_query_groups, "vocab_size": self.vocab_size,
             "make_vocab_size_divisible_by": 128, "max_position_embeddings": self.max_position_embeddings,
             "rope_theta": self.rope_theta, "norm_eps": self.norm_eps, "add_qkv_bias": True,
-            "tie_word_embeddings": True, "init_method_std": self.init_method_std,
+            "tie_word_embeddings": self.tie_word_embeddings, "init_method_std": self.init_method_std,
         }
 
 

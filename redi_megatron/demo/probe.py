@@ -273,7 +273,8 @@ def experiment(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     work = args.work or tempfile.mkdtemp(prefix="redi_probe_")
     os.makedirs(work, exist_ok=True)
-    task = TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1], error_rate=args.error_rate)
+    task = TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1], error_rate=args.error_rate,
+                      **({"error_weights": tuple(args.error_weights)} if args.error_weights else {}))
     t0 = time.perf_counter()
     teacher = write_teacher_data(os.path.join(work, "teacher"), args.problems, args.eval_problems, args.seed, task)
     tok = build_tokenizer()
@@ -289,7 +290,8 @@ def experiment(args: argparse.Namespace) -> None:
                           encode_completions(tok, [r["rejected"] for r in pairs])))
     result: Dict[str, Any] = {"args": vars(args), "positives": len(pos), "pairs": len(pairs),
                               "data_s": round(time.perf_counter() - t0, 1)}
-    spec = DemoModelSpec(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden)
+    spec = DemoModelSpec(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
+                         tie_word_embeddings=not args.untied)
     sft_dir = os.path.join(work, "sft")
     if os.path.exists(os.path.join(sft_dir, "probe_sft.json")):  # reuse the stage-1 model of an earlier call
         model = Qwen2ForCausalLM.from_pretrained(sft_dir)
@@ -356,9 +358,12 @@ def main(argv: Sequence[str] = None) -> int:
     e.add_argument("--eval-problems", type=int, default=200)
     e.add_argument("--eval-limit", type=int, default=None)
     e.add_argument("--error-rate", type=float, default=0.35)
+    e.add_argument("--error-weights", type=float, nargs="+", default=None,
+                   help="relative frequency of each teacher error mode (redi_megatron.demo.teacher.ERROR_MODES)")
     e.add_argument("--layers", type=int, default=4)
     e.add_argument("--hidden", type=int, default=128)
     e.add_argument("--batch", type=int, default=32)
+    e.add_argument("--untied", action="store_true", help="separate input and output embeddings")
     e.add_argument("--pair-batch", type=int, default=16)
     e.add_argument("--sft-steps", type=int, default=300)
     e.add_argument("--stage2-steps", type=int, default=150)

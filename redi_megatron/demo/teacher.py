@@ -10,7 +10,9 @@ trace would):
 * ``dropped_digit``: the working is right but a digit is lost when reading off the result;
 * ``transposed_digits``: two neighbouring digits of the result are swapped;
 * ``comma_format``: the right number written with a thousands separator (``8,590``), which an LLM judge
-  accepts and an exact answer check rejects (a real source of disagreement between the two verifiers).
+  accepts and an exact answer check rejects (a real source of disagreement between the two verifiers);
+* ``box_slip``: working and reading right, the boxed answer misquotes it (weight 0 in the default mix;
+  docs/demo.md has the ablation it was added for).
 
 Verifier labels imitate OpenR1's: ``math_verify_*`` is an exact check of the boxed answer (what math-verify
 does on integers), ``llama_verification`` is a judge that agrees with it most of the time but is
@@ -40,7 +42,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format")
+ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format",
+               "box_slip")
 SOURCE = "redi_demo_addition"
 PROBLEM_TEMPLATES = (
     "Compute ${a} + {b}$.",
@@ -72,9 +75,9 @@ class TaskConfig:
     max_digits: int = 3
     generations: int = 4
     error_rate: float = 0.35
-    error_weights: Tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10)
+    error_weights: Tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10, 0.0)
     judge_strict_rate: float = 0.03
-    judge_fooled_rate: Tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95)
+    judge_fooled_rate: Tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95, 0.06)
     judge_null_rate: float = 0.005
     mv_parse_fail_rate: float = 0.02
 
@@ -237,6 +240,25 @@ def _reading_trace(a: int, b: int, rng: random.Random, mode: str) -> Optional[Tr
     return Trace(_render(a, b, lines, result, result), result, mode)
 
 
+def _box_slip_trace(a: int, b: int, rng: random.Random) -> Optional[Trace]:
+    """Right working and reading, but the final answer misquotes it (a digit dropped, doubled or swapped)."""
+    lines, written = _columns(a, b)
+    result = "".join(str(d) for d in reversed(written))
+    digits = list(result)
+    kind = rng.choice(["drop", "double", "swap"])
+    i = rng.randrange(len(digits))
+    if kind == "drop" and len(digits) > 1:
+        del digits[i]
+    elif kind == "swap" and i + 1 < len(digits) and digits[i] != digits[i + 1]:
+        digits[i], digits[i + 1] = digits[i + 1], digits[i]
+    else:
+        digits.insert(i, digits[i])
+    boxed = "".join(digits)
+    if boxed.startswith("0") or boxed == result:
+        return None
+    return Trace(_render(a, b, lines, result, boxed), boxed, "box_slip")
+
+
 def _comma_trace(a: int, b: int) -> Optional[Trace]:
     total = a + b
     if total < 1000:
@@ -253,6 +275,8 @@ def wrong_trace(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Trace:
             t = _slip_trace(a, b, rng, mode)
         elif mode == "comma_format":
             t = _comma_trace(a, b)
+        elif mode == "box_slip":
+            t = _box_slip_trace(a, b, rng)
         else:
             t = _reading_trace(a, b, rng, mode)
         if t is not None and (t.error == "comma_format" or t.boxed != str(a + b)):

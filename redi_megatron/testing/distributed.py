@@ -15,6 +15,7 @@ import faulthandler
 import io
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import socket
 import tempfile
@@ -132,6 +133,7 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
             if p.is_alive():
                 p.kill()
             p.join(timeout=5)
+        shutil.rmtree(stack_dir, ignore_errors=True)  # the stacks were read into the error, if any
 
 
 def _stacks(procs, pending: set[int], stack_dir: str) -> str:
