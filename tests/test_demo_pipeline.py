@@ -1,5 +1,6 @@
 """redi-demo's orchestration: resumable stages, tool checks, configs it writes, the results table."""
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -79,6 +80,10 @@ def test_cli_lists_stages_and_explains_missing_tools(tmp_path, capsys, monkeypat
     assert not os.path.exists(tmp_path / "o")  # refused before doing anything
     assert cli.main(["--out", str(tmp_path / "o"), "--quick", "--until", "nope"]) == 2
     assert "no such stage" in capsys.readouterr().err
+    if importlib.util.find_spec("vllm") is None:
+        assert cli.main(["--out", str(tmp_path / "o"), "--quick", "--eval-backend", "vllm"]) == 2
+        assert "vLLM is not installed" in capsys.readouterr().err
+        assert not os.path.exists(tmp_path / "o")
 
 
 def test_presets_are_valid_and_the_quick_one_is_smaller():
@@ -191,3 +196,11 @@ def test_model_spec_counts_the_parameters_hf_builds(tied):
     model = Qwen2ForCausalLM(spec.hf_config(build_tokenizer()))
     assert spec.num_parameters() == sum(p.numel() for p in model.parameters())
     assert spec.trainer_overrides()["tie_word_embeddings"] is tied
+
+
+def test_first_divergence_of_two_completions():
+    from redi_megatron.demo.probe import first_divergence
+
+    assert first_divergence([5, 6, 7, 8], [5, 6, 9, 8]) == 2
+    assert first_divergence([5, 6], [5, 6, 7]) == -1
+    assert first_divergence([1], [2]) == 0

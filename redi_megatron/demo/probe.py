@@ -6,13 +6,15 @@ stand-in answers the questions that choose the demo's task and budget on a given
 * ``throughput``: training tokens/s and step time of candidate model sizes;
 * ``curve``: SFT on correct traces with greedy held-out accuracy (by operand length) every few steps;
 * ``experiment``: teacher -> curate -> SFT on positives -> stage 2 on pairs with REDI and with alpha = 0
-  (SFT on the same positives for the same steps, the control) -> pass@1 of each on held-out problems.
+  (SFT on the same positives for the same steps, the control) -> pass@1 of each on held-out problems;
+* ``slips``: how much probability a demo run's models put on the teacher's first wrong token of each pair.
 
 Usage::
 
     python -m redi_megatron.demo.probe throughput --layers 4 --hidden 128
     python -m redi_megatron.demo.probe curve --digits 2 5 --layers 2 --hidden 64 --steps 1500 --batch 16
     python -m redi_megatron.demo.probe experiment --digits 3 3 --sft-steps 300 --stage2-steps 150
+    python -m redi_megatron.demo.probe slips --run runs/demo
 """
 from __future__ import annotations
 
@@ -328,6 +330,46 @@ def experiment(args: argparse.Namespace) -> None:
             json.dump(result, f, indent=2)
 
 
+def first_divergence(chosen: Sequence[int], rejected: Sequence[int]) -> int:
+    """Index of the first token where two completions differ (-1 when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(chosen, rejected)) if x != y), -1)
+
+
+def slips(args: argparse.Namespace) -> None:
+    """For each pair of a demo run: p(rejected's first differing token) and p(chosen's) after the shared prefix.
+
+    Says whether a model puts probability on its teacher's mistakes, which is what REDI's negative term
+    can take away.
+    """
+    import numpy as np
+    import torch
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer, Qwen2ForCausalLM
+
+    from redi_megatron.data.templates import encode_completions, encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(os.path.join(args.run, "tokenizer"))
+    pairs = load_from_disk(os.path.join(args.run, "curated", "pairs"))
+    prompts = encode_prompts(tok, pairs["problem"])
+    chosen, rejected = encode_completions(tok, pairs["chosen"]), encode_completions(tok, pairs["rejected"])
+    for name in args.models:
+        model = Qwen2ForCausalLM.from_pretrained(os.path.join(args.run, "models", name)).eval()
+        wrong, right = [], []
+        with torch.no_grad():
+            for p, c, r in zip(prompts, chosen, rejected):
+                k = first_divergence(c, r)
+                if k < 0:
+                    continue  # a judge's false negative: the same trace on both sides
+                probs = torch.softmax(model(input_ids=torch.tensor([list(p) + list(c[:k])])).logits[0, -1].float(), -1)
+                wrong.append(float(probs[r[k]]))
+                right.append(float(probs[c[k]]))
+        w = np.array(wrong)
+        print(json.dumps({"model": name, "pairs": len(w), "p_wrong_mean": round(float(w.mean()), 5),
+                          "p_wrong_median": float(f"{np.median(w):.3g}"), "frac_p_wrong_over_5pct":
+                          round(float((w > 0.05).mean()), 4), "p_right_mean": round(float(np.mean(right)), 4)}),
+              flush=True)
+
+
 def main(argv: Sequence[str] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m redi_megatron.demo.probe", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -379,8 +421,11 @@ def main(argv: Sequence[str] = None) -> int:
     e.add_argument("--json", default=None)
     e.add_argument("--work", default=None, help="work directory; its SFT model is reused when present")
     e.add_argument("--tag", default="run", help="names this call's stage-2 outputs in --work")
+    s = sub.add_parser("slips", help="a demo run's models' probability of the teacher's first wrong token")
+    s.add_argument("--run", required=True, help="a redi-demo --out directory")
+    s.add_argument("--models", nargs="+", default=["sft", "redi", "control"])
     a = p.parse_args(argv)
-    {"throughput": throughput, "curve": curve, "experiment": experiment}[a.cmd](a)
+    {"throughput": throughput, "curve": curve, "experiment": experiment, "slips": slips}[a.cmd](a)
     return 0
 
 

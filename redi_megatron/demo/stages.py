@@ -244,7 +244,7 @@ def eval_stage(name: str, after: List[str]) -> Stage:
             sys.executable, "-m", EVAL.module, "--model", ctx.path("models", name), "--tokenizer", ctx.path("tokenizer"),
             "--out", ctx.path("eval", name), "--benchmarks", ctx.path("teacher", f"{EVAL_BENCHMARK}.jsonl"),
             "--n", str(e.samples_per_problem), "--temperature", str(e.temperature), "--top-p", str(e.top_p),
-            "--max-new-tokens", str(e.max_new_tokens), "--seed", str(ctx.cfg.seed), "--backend", "hf",
+            "--max-new-tokens", str(e.max_new_tokens), "--seed", str(ctx.cfg.seed), "--backend", e.backend,
             "--dtype", "float32", "--batch-size", str(e.batch_size), "--grade-workers", "1",
             # the demo's traces open <think> themselves, exactly as in training
             "--no-force-think",
@@ -262,7 +262,7 @@ def eval_stage(name: str, after: List[str]) -> Stage:
             problems.append(f"{path} does not cover {e.num_problems} problems x {e.samples_per_problem} samples")
         return problems
 
-    return Stage(f"eval_{name}", f"pass@1 of the {name} model on the held-out problems (redi-eval, HF backend)",
+    return Stage(f"eval_{name}", f"pass@1 of the {name} model on the held-out problems (redi-eval)",
                  run, check, tools=(EVAL,), after=after)
 
 
