@@ -31,6 +31,21 @@ def check_lengths(loss: str, **lengths: torch.Tensor) -> None:
                              "every completion needs at least one loss token")
 
 
+def normalized_pair_logps(loss: str, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor,
+                          chosen_lengths: torch.Tensor, rejected_lengths: torch.Tensor,
+                          validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checked ``logp(y)/|y|`` of both sides, ``[P]`` each (the length-normalised losses' common start).
+
+    ``validate=False`` skips the length check, which synchronises with the device.
+    """
+    check_pair_tensors(loss, chosen_logps=chosen_logps, rejected_logps=rejected_logps,
+                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    if validate:
+        check_lengths(loss, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    return (chosen_logps / chosen_lengths.to(chosen_logps.dtype),
+            rejected_logps / rejected_lengths.to(rejected_logps.dtype))
+
+
 def pair_metrics(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor,
                  rejected_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
     """Detached per-pair metrics ``[P]``: raw and length-normalised log-probs, margin, accuracy, lengths.

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from redi_megatron.losses.common import check_lengths, check_pair_tensors, gather_pairs, pair_metrics, summarize
+from redi_megatron.losses.common import gather_pairs, normalized_pair_logps, pair_metrics, summarize
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec, register_loss
 
 
@@ -75,12 +75,8 @@ def redi_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_l
     (it synchronises with the device; the trainer validates once per microbatch instead).
     """
     RediConfig(alpha, chosen_coef, neg_weighting_gamma)
-    check_pair_tensors("redi_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    if validate:
-        check_lengths("redi_loss", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    chosen_norm = chosen_logps / chosen_lengths.to(chosen_logps.dtype)
-    rejected_norm = rejected_logps / rejected_lengths.to(rejected_logps.dtype)
+    chosen_norm, rejected_norm = normalized_pair_logps("redi_loss", chosen_logps, rejected_logps, chosen_lengths,
+                                                       rejected_lengths, validate)
     w = _neg_weight(rejected_norm, neg_weighting_gamma)
     losses = -chosen_coef * chosen_norm + alpha * w * rejected_norm
     metrics = pair_metrics(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)

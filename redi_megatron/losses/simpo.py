@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from redi_megatron.losses.common import check_lengths, check_pair_tensors, compute_pair_loss, pair_metrics
+from redi_megatron.losses.common import compute_pair_loss, normalized_pair_logps, pair_metrics
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
 
 
@@ -39,12 +39,8 @@ def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_
     ``[P]`` ``|y|`` (>= 1). Returns ``(losses [P], metrics)`` with the common detached ``[P]`` pair metrics.
     """
     SimPOConfig(beta, gamma)
-    check_pair_tensors("simpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
-                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    if validate:
-        check_lengths("simpo_loss", chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    chosen_norm = chosen_logps / chosen_lengths.to(chosen_logps.dtype)
-    rejected_norm = rejected_logps / rejected_lengths.to(rejected_logps.dtype)
+    chosen_norm, rejected_norm = normalized_pair_logps("simpo_loss", chosen_logps, rejected_logps, chosen_lengths,
+                                                       rejected_lengths, validate)
     losses = -F.logsigmoid(beta * (chosen_norm - rejected_norm) - gamma)
     return losses, pair_metrics(chosen_logps, rejected_logps, chosen_lengths, rejected_lengths)
 
