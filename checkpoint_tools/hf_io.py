@@ -13,19 +13,11 @@ import torch
 
 from checkpoint_tools.mappings import (CONFIG_FIELDS, OVERRIDABLE, Family, family_for_architecture,
                                        family_for_config)
+from redi_megatron.models.checkpoint import read_json
 from redi_megatron.models.config import ModelConfig
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-
-
-def _load_json(path: Path) -> Any:
-    if not path.is_file():
-        raise ValueError(f"{path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -67,7 +59,7 @@ def read_hf_config(hf_dir: str | Path, overrides: Optional[dict[str, Any]] = Non
     from transformers import AutoConfig
 
     path = Path(hf_dir) / "config.json"
-    raw = _load_json(path)
+    raw = read_json(path)
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: expected a JSON object")
     family = family_for_architecture(raw.get("architectures"), raw.get("model_type"), str(path))
@@ -205,7 +197,7 @@ class SafetensorsReader:
         self.dir = Path(hf_dir)
         index = self.dir / INDEX_FILE
         if index.is_file():
-            weight_map = _load_json(index).get("weight_map")
+            weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
                 raise ValueError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))

@@ -75,9 +75,14 @@ def model_config_from_dict(data: Mapping[str, Any], where: str) -> ModelConfig:
     return ModelConfig(**data)
 
 
-def _read_json(path: Path) -> Any:
+NOT_A_CHECKPOINT = "not a redi-megatron model checkpoint directory"
+
+
+def read_json(path: Path, missing: str = "") -> Any:
+    """The JSON in ``path``; ValueError naming the file when it is missing (``missing`` says what that
+    means) or not valid JSON."""
     if not path.is_file():
-        raise ValueError(f"{path} is missing: not a redi-megatron model checkpoint directory")
+        raise ValueError(f"{path} is missing" + (f": {missing}" if missing else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
@@ -87,13 +92,13 @@ def _read_json(path: Path) -> Any:
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
     """The ``ModelConfig`` a checkpoint was saved with."""
     path = Path(ckpt_dir) / MODEL_CONFIG_FILE
-    return model_config_from_dict(_read_json(path), str(path))
+    return model_config_from_dict(read_json(path, NOT_A_CHECKPOINT), str(path))
 
 
 def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     """``redi_meta.json`` of a checkpoint, after checking its format version."""
     path = Path(ckpt_dir) / META_FILE
-    meta = _read_json(path)
+    meta = read_json(path, NOT_A_CHECKPOINT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}")
     if meta.get("format_version") != FORMAT_VERSION:
