@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 # category -> number of rows in the current-schema fixture
 RAW_LAYOUT: Dict[str, int] = {
@@ -76,6 +76,27 @@ def _pattern(rng: random.Random, category: str) -> List[bool]:
     return flags
 
 
+def openr1_row(problem: str, solution: str, answer: str, generations: List[str],
+               labels: List[Tuple[Optional[bool], bool, bool]], *, problem_type: str, source: str,
+               synthetic: bool, problem_is_valid: Any = "Yes") -> Dict[str, Any]:
+    """One row in the current OpenR1-Math-Raw schema.
+
+    ``labels``: per generation ``(llama_verification, math_verify_answer, math_verify_reparsed_answer)``.
+    """
+    return {
+        "problem": problem, "solution": solution, "answer": answer,
+        "problem_type": problem_type, "question_type": "math-word-problem", "problem_is_valid": problem_is_valid,
+        "solution_is_valid": "Yes", "source": source, "synthetic": synthetic, "generations": generations,
+        "generations_count": len(generations),
+        "correctness": {
+            "llama_verification": [lab[0] for lab in labels],
+            "math_verify_answer": [lab[1] for lab in labels],
+            "math_verify_reparsed_answer": [lab[2] for lab in labels],
+        },
+        "reparsed_answers": [answer] * len(generations),
+    }
+
+
 def _row(rng: random.Random, k: int, category: str) -> Dict[str, Any]:
     problem, answer = _problem(rng, k, long=category == "long_prompt")
     flags = _pattern(rng, category)
@@ -91,18 +112,8 @@ def _row(rng: random.Random, k: int, category: str) -> Dict[str, Any]:
     if category.startswith("invalid"):
         valid = [None, "No", "Incomplete"][0 if k % 9 == 0 else (2 if k % 7 == 0 else 1)]
     source = "cn_k12" if category in ("cn_k12", "invalid_cn_k12") else rng.choice(SOURCES)
-    return {
-        "problem": problem, "solution": f"Adding gives {answer}.", "answer": answer,
-        "problem_type": "Algebra", "question_type": "math-word-problem", "problem_is_valid": valid,
-        "solution_is_valid": "Yes", "source": source, "synthetic": False, "generations": gens,
-        "generations_count": len(gens),
-        "correctness": {
-            "llama_verification": [lab[0] for lab in labels],
-            "math_verify_answer": [lab[1] for lab in labels],
-            "math_verify_reparsed_answer": [lab[2] for lab in labels],
-        },
-        "reparsed_answers": [answer] * len(gens),
-    }
+    return openr1_row(problem, f"Adding gives {answer}.", answer, gens, labels, problem_type="Algebra",
+                      source=source, synthetic=False, problem_is_valid=valid)
 
 
 def _bad_row(rng: random.Random, k: int, kind: str) -> Dict[str, Any]:
@@ -186,12 +197,14 @@ def openr1_220k_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
     return rows
 
 
-def write_jsonl(rows: List[Dict[str, Any]], path: str) -> str:
-    """Write rows as JSON Lines (creating parent directories); returns ``path``."""
+def write_jsonl(rows: Iterable[Dict[str, Any]], path: str) -> str:
+    """Write rows as JSON Lines, atomically (creating parent directories); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
     return path
 
 

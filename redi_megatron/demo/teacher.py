@@ -42,6 +42,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
+from redi_megatron.data.synthetic import openr1_row, write_jsonl
+
 ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format",
                "box_slip")
 SOURCE = "redi_demo_addition"
@@ -314,25 +316,8 @@ def make_row(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Tuple[Dict[
     gold = str(a + b)
     traces = generate_traces(a, b, rng, cfg)
     labels = [verifier_labels(t, gold, rng, cfg) for t in traces]
-    row = {
-        "problem": problem_text(a, b, rng),
-        "solution": f"Adding column by column, ${a} + {b} = {gold}$.",
-        "answer": gold,
-        "problem_type": "Arithmetic",
-        "question_type": "math-word-problem",
-        "problem_is_valid": "Yes",
-        "solution_is_valid": "Yes",
-        "source": SOURCE,
-        "synthetic": True,
-        "generations": [t.text for t in traces],
-        "generations_count": len(traces),
-        "correctness": {
-            "llama_verification": [lab[0] for lab in labels],
-            "math_verify_answer": [lab[1] for lab in labels],
-            "math_verify_reparsed_answer": [lab[2] for lab in labels],
-        },
-        "reparsed_answers": [gold] * len(traces),
-    }
+    row = openr1_row(problem_text(a, b, rng), f"Adding column by column, ${a} + {b} = {gold}$.", gold,
+                     [t.text for t in traces], labels, problem_type="Arithmetic", source=SOURCE, synthetic=True)
     return row, traces
 
 
@@ -382,14 +367,6 @@ def operands(row: Dict[str, Any]) -> Tuple[int, int]:
     return int(a), int(rest.split(" = ")[0])
 
 
-def _write_jsonl(rows: Iterable[Dict[str, Any]], path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def write_teacher_data(out_dir: str, num_train: int, num_eval: int, seed: int,
                        cfg: TaskConfig = TaskConfig()) -> TeacherOutput:
     """Write ``raw.jsonl`` (OpenR1-Math-Raw rows), ``eval.jsonl`` (held-out problems) and ``teacher.json``."""
@@ -397,8 +374,8 @@ def write_teacher_data(out_dir: str, num_train: int, num_eval: int, seed: int,
     rows, stats = teacher_rows(num_train, seed, cfg)
     held_out = eval_problems(num_eval, seed, cfg, exclude=[operands(r) for r in rows])
     train_path, eval_path = os.path.join(out_dir, "raw.jsonl"), os.path.join(out_dir, "eval.jsonl")
-    _write_jsonl(rows, train_path)
-    _write_jsonl(held_out, eval_path)
+    write_jsonl(rows, train_path)
+    write_jsonl(held_out, eval_path)
     out = TeacherOutput(train_path, eval_path, len(rows), len(held_out), stats)
     with open(os.path.join(out_dir, "teacher.json"), "w", encoding="utf-8") as f:
         json.dump({"task": asdict(cfg), "seed": seed, **asdict(out)}, f, indent=2)
