@@ -64,15 +64,15 @@ def _reference_check(mb, dataset):
 
 def test_build_microbatch_matches_reference_and_logps():
     ds = FakeDataset("pair", 4, seed=1, ref=True)
-    rows = [ds.sequences(0) + ds.sequences(2), ds.sequences(1)]
-    mb = build_microbatch(rows, row_len=256, pad_id=PAD, pad_to_multiple_of=4)
-    assert mb.tokens.shape == (2, 256) and mb.roles.tolist() == [1, 2, 1, 2, 1, 2]
+    seqs = ds.sequences(0) + ds.sequences(2) + ds.sequences(1)
+    mb = build_microbatch(seqs, row_len=512, pad_id=PAD, pad_to_multiple_of=4)
+    assert mb.tokens.shape == (1, 512) and mb.roles.tolist() == [1, 2, 1, 2, 1, 2]
     assert mb.pair_ids.tolist() == [0, 0, 1, 1, 2, 2] and mb.sample_ids.tolist() == [0, 0, 2, 2, 1, 1]
     assert mb.ref_logps.tolist() == [-0.0, -1.0, -2.0, -3.0, -1.0, -2.0]
     _reference_check(mb, ds)
     # per-sequence summed log-probs from packed logits equal those of each sequence run alone
     torch.manual_seed(0)
-    logits = torch.randn(2, 256, 100)
+    logits = torch.randn(1, 512, 100)
     logp = torch.log_softmax(logits, -1).gather(-1, mb.labels[..., None])[..., 0] * mb.loss_mask
     packed = torch.zeros(mb.num_sequences).index_add_(0, mb.seq_ids[mb.seq_ids >= 0], logp[mb.seq_ids >= 0])
     for n in range(mb.num_sequences):
@@ -84,22 +84,23 @@ def test_build_microbatch_matches_reference_and_logps():
 
 def test_thd_views():
     ds = FakeDataset("sft", 3, seed=2)
-    mb = build_microbatch([ds.sequences(0) + ds.sequences(1) + ds.sequences(2)], row_len=192, pad_id=PAD,
+    mb = build_microbatch(ds.sequences(0) + ds.sequences(1) + ds.sequences(2), row_len=192, pad_id=PAD,
                           pad_to_multiple_of=8)
     lens = [len(ds.sequences(i)[0].input_ids) for i in range(3)]
     starts = [0, padded_length(lens[0], 8), padded_length(lens[0], 8) + padded_length(lens[1], 8)]
-    assert mb.cu_seqlens().tolist() == starts + [192]
-    assert mb.cu_seqlens_unpadded().tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
-    assert mb.cu_seqlens().dtype == torch.int32
+    assert mb.cu_seqlens_padded.tolist() == starts + [192]  # the last segment takes the row's tail
+    assert mb.cu_seqlens.tolist() == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    assert mb.cu_seqlens.dtype == mb.cu_seqlens_padded.dtype == torch.int32
+    assert mb.max_seqlen == max(192 - starts[2], *(b - a for a, b in zip(starts, starts[1:])))
     moved = mb.to("cpu")
     assert moved is not mb and torch.equal(moved.tokens, mb.tokens) and moved.ref_logps is None
 
 
-@pytest.mark.parametrize("kind,rows,shape", [("pair", 1, "trim"), ("pair", 2, "static"), ("sft", 1, "step")])
-def test_step_plan_invariants(kind, rows, shape):
+@pytest.mark.parametrize("kind,shape,multiple", [("pair", "trim", 1), ("pair", "static", 1), ("sft", "step", 3)])
+def test_step_plan_invariants(kind, shape, multiple):
     ds = FakeDataset(kind, 103, seed=3)
-    cfg = PackingConfig(global_batch_size=16, micro_batch_tokens=160, rows_per_microbatch=rows,
-                        pad_to_multiple_of=4, row_shape=shape, seed=7)
+    cfg = PackingConfig(global_batch_size=16, micro_batch_tokens=160, pad_to_multiple_of=4, row_shape=shape,
+                        microbatch_multiple=multiple, seed=7)
     dp = 3
     samplers = [PackedStepSampler(ds, cfg, dp_rank=r, dp_size=dp, pad_id=PAD) for r in range(dp)]
     assert samplers[0].steps_per_epoch == math.ceil(103 / 16)
@@ -107,7 +108,7 @@ def test_step_plan_invariants(kind, rows, shape):
     for step in range(samplers[0].steps_per_epoch):
         batches = [s.build(s.plan(0, step)) for s in samplers]
         counts = {len(b.microbatches) for b in batches}
-        assert len(counts) == 1  # equalized across DP ranks
+        assert len(counts) == 1 and counts.pop() % multiple == 0  # equalized across DP ranks
         if shape != "trim":  # one shape for the whole step
             assert len({mb.tokens.shape for b in batches for mb in b.microbatches}) == 1
         step_samples, loss_tokens, pairs = [], 0, 0
@@ -116,7 +117,9 @@ def test_step_plan_invariants(kind, rows, shape):
             for mb in b.microbatches:
                 _reference_check(mb, ds)
                 S = mb.tokens.shape[1]
-                assert S % 4 == 0 and S <= 160 and mb.tokens.shape[0] == rows and (shape != "static" or S == 160)
+                assert S % 4 == 0 and S <= 160 and mb.tokens.shape[0] == 1 and (shape != "static" or S == 160)
+                seg = mb.cu_seqlens_padded
+                assert seg[-1] == S and bool(((seg[1:] - seg[:-1]) % 4 == 0).all())  # CP can cut every one
                 starts = (mb.position_ids == 0) & (mb.seq_ids >= 0)
                 assert (torch.nonzero(starts)[:, 1] % 4 == 0).all()  # every sequence starts aligned
                 if kind == "pair":  # chosen and rejected of each pair side by side in this microbatch
@@ -178,6 +181,8 @@ def test_empty_microbatches_and_efficiency():
     batch = s.build(plan)
     mbs = batch.microbatches
     assert len(mbs) == max(len(r) for r in plan.ranks) and mbs[-1].num_sequences == 0
-    assert mbs[-1].tokens.shape == (1, 4) and (mbs[-1].seq_ids == -1).all() and mbs[-1].cu_seqlens().tolist() == [0]
+    assert mbs[-1].tokens.shape == (1, 4) and (mbs[-1].seq_ids == -1).all()
+    # attention still gets one (all-padding) segment
+    assert mbs[-1].cu_seqlens_padded.tolist() == mbs[-1].cu_seqlens.tolist() == [0, 4]
     eff = s.efficiency(plan)
     assert 0 < eff["efficiency"] <= 1 and eff["real_tokens"] == int(ds.seq_lengths()[plan.sample_ids].sum())

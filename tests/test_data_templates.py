@@ -53,7 +53,7 @@ def test_golden_token_ids(tok):
 def test_golden_loss_mask_and_labels(tok):
     ids = np.array(GOLDEN_PROMPT + GOLDEN_COMPLETION)
     P, L = len(GOLDEN_PROMPT), len(ids)
-    mb = build_microbatch([[SequenceSpec(ids, P, ROLE_SFT, 7)]], row_len=80, pad_id=151643, pad_to_multiple_of=8)
+    mb = build_microbatch([SequenceSpec(ids, P, ROLE_SFT, 7)], row_len=80, pad_id=151643, pad_to_multiple_of=8)
     mask = mb.loss_mask[0]
     # targets predicted from the last prompt token (the "\n" after assistant) through the EOS
     assert mask[: P - 1].sum() == 0 and mask[P - 1:L - 1].tolist() == [1.0] * len(GOLDEN_COMPLETION)

@@ -156,11 +156,11 @@ def _schedule_rank() -> list[dict]:
                 loss_sum, norm, metrics = loss_func(logits)
                 seen_norms.append(int(norm))
                 return loss_sum, norm, metrics
-            return model_(split_for_cp(mb.tokens, g.cp)), recording_loss_func
+            return model_(split_for_cp(mb.tokens, g.cp, mb.cu_seqlens_padded)), recording_loss_func
 
         store = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(mine), model=model,
-            num_microbatches=MICROBATCHES, seq_length=mine[0].tokens.shape[1], micro_batch_size=2,
+            num_microbatches=MICROBATCHES, seq_length=mine[0].tokens.shape[1], micro_batch_size=1,
             forward_only=False)
         out.append({"stage": stage, "cp": g.rank(g.cp), "grad": model.module.weight.main_grad.clone(),
                     "norms": seen_norms, "metrics": reduce_step_metrics(store, g)})

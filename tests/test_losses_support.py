@@ -15,31 +15,27 @@ import torch.nn.functional as F
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec, build_microbatch
 
 VOCAB = 64      # divisible by TP in {1, 2, 4}
-ROW_LEN = 32    # divisible by 2*CP for CP in {1, 2}
+ROW_LEN = 64    # one packed (THD) row; every sequence padded to a multiple of 2*CP for CP in {1, 2}
 
 
-def make_microbatch(seed: int, kind: str, layout: str, rows: int = 2, with_ref: bool = False):
-    """A microbatch of ``kind`` "pairs" or "sft" laid out "packed" (two sequences per row, uneven
-    lengths) or "padded" (one sequence per row; a pair then spans two rows). Pairs never leave it."""
+def make_microbatch(seed: int, kind: str, layout: str, with_ref: bool = False):
+    """One packed row of ``kind`` "pairs" or "sft": "packed" holds four sequences of uneven lengths, each
+    padded to a multiple of 4; "padded" holds two, each padded to half the row. Pairs never leave it."""
     rng = np.random.default_rng(seed)
-    per_row = 2 if layout == "packed" else 1
-    if kind == "sft":
-        roles = [ROLE_SFT] * (rows * per_row)
-    else:
-        roles = [ROLE_CHOSEN, ROLE_REJECTED] * (rows * per_row // 2)
+    count, multiple = (4, 4) if layout == "packed" else (2, ROW_LEN // 2)
+    roles = [ROLE_SFT] * count if kind == "sft" else [ROLE_CHOSEN, ROLE_REJECTED] * (count // 2)
     specs = []
     for i, role in enumerate(roles):
         sample = seed * 100 + (i if kind == "sft" else i // 2)
-        length = int(rng.integers(4, ROW_LEN // per_row + 1))
+        length = int(rng.integers(4, ROW_LEN // 4 + 1))
         prompt = int(rng.integers(1, length - 1))
         ref = float(rng.normal(-20, 3)) if with_ref else None
         specs.append(SequenceSpec(rng.integers(1, VOCAB, size=length), prompt, role, sample, ref))
-    lay_rows = [specs[r * per_row:(r + 1) * per_row] for r in range(rows)]
-    return build_microbatch(lay_rows, ROW_LEN, pad_id=0, with_ref_logps=with_ref)
+    return build_microbatch(specs, ROW_LEN, pad_id=0, pad_to_multiple_of=multiple, with_ref_logps=with_ref)
 
 
 def make_logits(seed: int, mb, dtype: torch.dtype) -> torch.Tensor:
-    """Full logits ``[B, S, VOCAB]`` in ``dtype`` (values on the bf16 grid, so sharding is exact)."""
+    """Full logits ``[1, T, VOCAB]`` in ``dtype`` (values on the bf16 grid, so sharding is exact)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(*mb.labels.shape, VOCAB, generator=g) * 2.0
     return x.to(dtype)

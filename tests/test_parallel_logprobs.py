@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from redi_megatron.losses import get_loss
-from redi_megatron.parallel.context import cp_local_positions
+from redi_megatron.parallel.context import thd_partition_index
 from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
 from redi_megatron.parallel.reductions import seq_ids_from_cu_seqlens, sequence_sums
@@ -102,13 +102,14 @@ def _coords(g: ParallelGroups) -> tuple[int, int, int, int, int, int]:
     return (g.rank(g.tp), g.size(g.tp), g.rank(g.cp), g.size(g.cp), g.rank(g.dp), g.size(g.dp))
 
 
-def _shard(full: torch.Tensor, coords) -> torch.Tensor:
-    """This rank's part of ``[B, S, ...]`` reference data: its vocabulary slice and its CP positions."""
+def _shard(full: torch.Tensor, coords, mb) -> torch.Tensor:
+    """This rank's part of ``[1, T, ...]`` reference data: its vocabulary slice and its chunks of every
+    packed sequence (the THD context-parallel partition)."""
     tp_r, tp_n, cp_r, cp_n = coords[:4]
     if full.dim() == 3:
         v = full.shape[-1] // tp_n
         full = full[..., tp_r * v:(tp_r + 1) * v]
-    return full.index_select(1, cp_local_positions(full.shape[1], cp_r, cp_n))
+    return full.index_select(1, thd_partition_index(mb.cu_seqlens_padded, full.shape[1], cp_n, cp_r))
 
 
 def _global_batch(case_idx: int, dp_size: int):
@@ -130,7 +131,7 @@ def _run_cases(g: ParallelGroups) -> dict:
         mine = range(dp_r * MB_PER_DP, (dp_r + 1) * MB_PER_DP)
         leaves, total, norm, metrics = [], 0.0, torch.zeros((), dtype=torch.int32), []
         for j in mine:
-            leaf = _shard(logits[j], coords).clone().requires_grad_()
+            leaf = _shard(logits[j], coords, mbs[j]).clone().requires_grad_()
             loss_func = make_loss_func(spec, spec.make_hparams(hp), mbs[j], g, chunk_size=5)
             loss_sum, n, m = loss_func(leaf * 1)   # a non-leaf, as Megatron's logits are
             leaves.append(leaf)
@@ -160,7 +161,7 @@ def _check(rank_results: list[dict]) -> None:
                     assert isclose(got["metrics"][key], ref["metrics"][key]), (where, key)
             for k, j in enumerate(range(dp_r * MB_PER_DP, (dp_r + 1) * MB_PER_DP)):
                 assert got["grads"][k].dtype == dtype
-                assert close(got["grads"][k], _shard(ref["grads"][j], coords), dtype), where
+                assert close(got["grads"][k], _shard(ref["grads"][j], coords, mbs[j]), dtype), where
 
 
 def test_loss_func_single_rank_matches_reference():
@@ -203,7 +204,7 @@ def test_redi_pair_split_over_microbatches_equals_together():
         """Loss and per-sequence logits gradients; each sequence carries the same logits in any layout."""
         total, norm, leaves, where = 0.0, 0, [], []
         for rows in layout:
-            mb = build_microbatch([[seqs[i] for i in row] for row in rows], 32, pad_id=0)
+            mb = build_microbatch([seqs[i] for row in rows for i in row], 64, pad_id=0)
             logits = torch.zeros(*mb.labels.shape, VOCAB)
             order = [i for row in rows for i in row]
             for n, i in enumerate(order):
@@ -228,7 +229,7 @@ def test_redi_pair_split_over_microbatches_equals_together():
         assert torch.allclose(grads_a[i], grads_b[i], atol=1e-7), i
     with pytest.raises(ValueError, match="same microbatch"):   # DPO/SimPO refuse such a layout
         simpo = get_loss("simpo")
-        make_loss_func(simpo, simpo.make_hparams({}), build_microbatch([[seqs[1]]], 32, pad_id=0), _single())
+        make_loss_func(simpo, simpo.make_hparams({}), build_microbatch([seqs[1]], 32, pad_id=0), _single())
 
 
 def test_make_loss_func_rejects_bad_microbatches():
@@ -257,7 +258,7 @@ def test_make_loss_func_rejects_bad_microbatches():
         make_loss_func(redi, redi.make_hparams({}), mb, _single(), vocab_size=8)
     loss_func = make_loss_func(redi, redi.make_hparams({}), mb, _single())
     with pytest.raises(ValueError, match="do not match this CP rank's labels"):
-        loss_func(torch.zeros(2, 31, VOCAB))
+        loss_func(torch.zeros(1, 63, VOCAB))
 
 
 def test_sequence_logps_func_for_the_dpo_reference_pass():
@@ -277,8 +278,8 @@ def test_empty_microbatch_contributes_nothing(name):
     from redi_megatron.data.batch import build_microbatch
 
     spec = get_loss(name)
-    mb = build_microbatch([[], []], 32, pad_id=0, with_ref_logps=name == "dpo")
-    leaf = torch.randn(2, 32, VOCAB, requires_grad=True)
+    mb = build_microbatch([], 32, pad_id=0, with_ref_logps=name == "dpo")
+    leaf = torch.randn(1, 32, VOCAB, requires_grad=True)
     loss_sum, norm, metrics = make_loss_func(spec, spec.make_hparams({}), mb, _single())(leaf * 1)
     loss_sum.backward()
     assert float(loss_sum.detach()) == 0 and int(norm) == 0 and not leaf.grad.any()

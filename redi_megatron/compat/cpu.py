@@ -30,9 +30,9 @@ Redirects (each applies only to calls made *from megatron's own source files*, s
    parameter its own copy of the restored ``step`` and makes the copy Megatron attempts a no-op.
 
 Not redirects, but CPU substitutes chosen by the layer spec (``redi_megatron.models.layer_specs``):
-- local ``DotProductAttention`` refuses context parallelism (TE-only), so CPU uses
-  ``redi_megatron.models.cpu_attention.CPUCoreAttention`` (all-gathers K/V over the CP group, undoes the
-  load-balanced 2*CP chunk order, masks causally by global position and by packed-sequence id);
+- local ``DotProductAttention`` refuses packed (THD) rows and context parallelism (TE-only), so the local
+  spec uses ``redi_megatron.models.thd_attention.THDCoreAttention`` (per-sequence causal attention from
+  ``PackedSeqParams``; under CP it all-gathers K/V and undoes the per-sequence 2*CP chunk order);
 - Megatron's no-TE norm wrapper refuses sequence parallelism, so CPU uses ``torch.nn.RMSNorm`` with its
   weight tagged ``sequence_parallel`` so ``finalize_model_grads`` all-reduces its gradient.
 

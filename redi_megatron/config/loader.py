@@ -105,9 +105,18 @@ def _all_paths(cls: type = RunConfig, prefix: str = "") -> tuple[str, ...]:
     return tuple(out)
 
 
+# Keys of earlier versions, with what replaces them (a plain "unknown key" would leave the user guessing).
+REMOVED_KEYS = {
+    "data.micro_batch_rows": "a microbatch is now one packed (THD) row: remove data.micro_batch_rows and "
+                             "set data.micro_batch_tokens to the whole budget (old rows x tokens)",
+}
+
+
 def _unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     names = _field_names(cls)
     where = f"'{prefix}{key}'"
+    if f"{prefix}{key}" in REMOVED_KEYS:
+        return ValueError(f"{source}: {where} was removed: {REMOVED_KEYS[f'{prefix}{key}']}")
     close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
     # The key may exist in another section ("lr" at top level -> "optimizer.lr").
     leaf = str(key).lower()

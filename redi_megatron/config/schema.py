@@ -13,8 +13,7 @@ class DataConfig:
     train_path: str = ""                 # curated dataset from redi-curate (HF datasets dir or JSONL)
     tokenizer: str = ""                  # HF tokenizer directory; "" = the one inside checkpoint.init_from
     global_batch_size: int = 128         # samples per optimizer step: sequences (SFT) or pairs
-    micro_batch_tokens: int = 32768      # token budget of one packed row
-    micro_batch_rows: int = 1            # rows per microbatch
+    micro_batch_tokens: int = 32768      # token budget of one microbatch: one packed (THD) row
     max_prompt_tokens: int = 800
     max_completion_tokens: int = 19000
     seed: int = 42                       # data order (shuffling, packing)

@@ -6,17 +6,18 @@ For step ``s`` of epoch ``e`` every rank computes the same plan locally, with no
    ``global_batch_size`` samples (SFT sequences or pairs);
 2. the samples are spread over the DP ranks largest first, each to the rank with the fewest tokens so
    far (balanced compute: ranks wait for the slowest at the gradient all-reduce);
-3. on each rank, first-fit-decreasing packs its samples into microbatches of ``rows_per_microbatch``
-   rows x ``micro_batch_tokens`` tokens; a pair's chosen and rejected always land in the same
+3. on each rank, first-fit-decreasing packs its samples into microbatches, each one packed (THD) row of
+   at most ``micro_batch_tokens`` tokens; a pair's chosen and rejected always land in the same
    microbatch; every sequence occupies a multiple of ``pad_to_multiple_of`` tokens; with
-   ``equalize_microbatches`` ranks with fewer microbatches get empty (all-padding) ones so every rank
-   runs the same number;
+   ``equalize_microbatches`` ranks with fewer microbatches get empty (all-padding, zero-loss) ones so
+   every rank runs the same number, rounded up to a multiple of ``microbatch_multiple`` (the
+   interleaved pipeline schedule needs a multiple of the pipeline size);
 4. the global normalizers (loss tokens, pairs, sequences) are summed over the whole step.
 
-Row length ``S`` (``row_shape``): ``"trim"`` = each microbatch's longest row rounded up to
-``pad_to_multiple_of`` (THD / variable_seq_lengths); ``"step"`` = one ``S`` for every microbatch of the
-step on every rank (the longest row of the step; Megatron's pipeline schedules take ``seq_length`` per
-call, so shapes stay fixed within a step); ``"static"`` = always ``micro_batch_tokens``. The position
+Row length ``T`` (``row_shape``): ``"trim"`` = the microbatch's packed length (variable_seq_lengths);
+``"step"`` = one ``T`` for every microbatch of the step on every rank (the longest of the step; the
+interleaved schedule exchanges no shapes, so they stay fixed within a step); ``"static"`` = always
+``micro_batch_tokens``. The position
 (epoch, step) is the checkpointable state.
 """
 from __future__ import annotations
@@ -49,9 +50,9 @@ class PackingConfig:
     """Batching schema. ``pad_to_multiple_of`` = 2*CP*(TP if sequence_parallel else 1) from the trainer."""
 
     global_batch_size: int  # samples per optimizer step over all DP ranks
-    micro_batch_tokens: int  # token budget of one row
-    rows_per_microbatch: int = 1  # B; 1 = THD layout
+    micro_batch_tokens: int  # token budget of one microbatch (one packed row)
     pad_to_multiple_of: int = 1
+    microbatch_multiple: int = 1  # pad each rank's microbatch count to a multiple of this
     row_shape: str = "trim"  # trim | step | static
     equalize_microbatches: bool = True
     drop_last: bool = False  # drop the last, smaller step of an epoch
@@ -59,7 +60,7 @@ class PackingConfig:
     seed: int = 42
 
     def validate(self) -> None:
-        for name in ("global_batch_size", "micro_batch_tokens", "rows_per_microbatch", "pad_to_multiple_of"):
+        for name in ("global_batch_size", "micro_batch_tokens", "pad_to_multiple_of", "microbatch_multiple"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.row_shape not in ROW_SHAPES:
@@ -75,19 +76,19 @@ Slot = Tuple[int, int]
 
 @dataclass
 class _Bin:
-    rows: List[List[Slot]]
-    used: List[int]
+    row: List[Slot]
+    used: int = 0
     tokens: int = 0
 
 
 @dataclass
 class StepPlan:
-    """The whole step (all DP ranks); ``ranks[r]`` = microbatches of rank r, each a list of rows of slots."""
+    """The whole step (all DP ranks); ``ranks[r]`` = microbatches of rank r, each a list of slots (one row)."""
 
     epoch: int
     step: int
     sample_ids: np.ndarray
-    ranks: List[List[List[List[Slot]]]]
+    ranks: List[List[List[Slot]]]
     num_loss_tokens: int
     num_pairs: int
     num_sequences: int
@@ -119,19 +120,14 @@ class PackedStepSampler:
 
     # ------------------------------------------------------------------ planning
     def _check_fits(self) -> None:
-        S, B = self.cfg.micro_batch_tokens, self.cfg.rows_per_microbatch
-        pad = self._padded
-        if pad.shape[1] == 1 or B >= pad.shape[1]:
-            too_big = pad.max(axis=1) > S
-        else:  # a pair in a single row
-            too_big = pad.sum(axis=1) > S
-        bad = np.nonzero(too_big)[0]
+        S = self.cfg.micro_batch_tokens
+        bad = np.nonzero(self._padded.sum(axis=1) > S)[0]  # a sample (a whole pair) shares one row
         if bad.size:
-            worst = int(bad[np.argmax(pad[bad].sum(axis=1))])
+            worst = int(bad[np.argmax(self._padded[bad].sum(axis=1))])
             raise ValueError(
-                f"{bad.size} sample(s) do not fit one microbatch of {B} row(s) x {S} tokens, e.g. sample ids "
+                f"{bad.size} sample(s) do not fit one microbatch of {S} tokens, e.g. sample ids "
                 f"{bad[:10].tolist()} (sample {worst}: sequence lengths {self._lengths[worst].tolist()}); "
-                "raise micro_batch_tokens or rows_per_microbatch, or length-filter the data (nothing is truncated)"
+                "raise data.micro_batch_tokens or length-filter the data (nothing is truncated)"
             )
 
     @property
@@ -148,30 +144,19 @@ class PackedStepSampler:
         return self._perm
 
     def _pack(self, samples: np.ndarray) -> List[_Bin]:
-        S, B = self.cfg.micro_batch_tokens, self.cfg.rows_per_microbatch
+        """First-fit-decreasing: each sample (all its sequences) goes to the first row it fits."""
+        S = self.cfg.micro_batch_tokens
         order = sorted(samples.tolist(), key=lambda i: (-int(self._padded[i].sum()), i))
         bins: List[_Bin] = []
         for i in order:
-            seqs = sorted(range(self._padded.shape[1]), key=lambda j: -int(self._padded[i, j]))
-            fresh = _Bin([[] for _ in range(B)], [0] * B)
-            for b in bins + [fresh]:
-                used, placed = list(b.used), []
-                for j in seqs:
-                    r = next((r for r in range(B) if used[r] + self._padded[i, j] <= S), None)
-                    if r is None:
-                        break
-                    used[r] += int(self._padded[i, j])
-                    placed.append((r, j))
-                if len(placed) < len(seqs):
-                    continue
-                if b is fresh:
-                    bins.append(b)
-                for r, j in placed:
-                    b.rows[r].append((i, j))
-                b.used, b.tokens = used, b.tokens + int(self._lengths[i].sum())
-                break
-            else:  # pragma: no cover - _check_fits guarantees an empty bin takes any sample
-                raise AssertionError(f"sample {i} did not fit an empty microbatch")
+            need = int(self._padded[i].sum())
+            b = next((b for b in bins if b.used + need <= S), None)
+            if b is None:
+                b = _Bin([])
+                bins.append(b)
+            b.row.extend((i, j) for j in range(self._padded.shape[1]))
+            b.used += need
+            b.tokens += int(self._lengths[i].sum())
         return bins
 
     def _balance(self, samples: np.ndarray) -> List[List[int]]:
@@ -193,7 +178,7 @@ class PackedStepSampler:
         ranks = [self._pack(np.asarray(r, dtype=np.int64)) for r in self._balance(samples)]
         return StepPlan(
             epoch=epoch, step=step, sample_ids=samples.copy(),
-            ranks=[[b.rows for b in rank] for rank in ranks],
+            ranks=[[b.row for b in rank] for rank in ranks],
             num_loss_tokens=int(self._loss[samples].sum()),
             num_pairs=int(samples.size) if self.is_pair else 0,
             num_sequences=int(samples.size * self._lengths.shape[1]),
@@ -204,36 +189,40 @@ class PackedStepSampler:
     def _row_tokens(self, row: List[Slot]) -> int:
         return sum(int(self._padded[i, j]) for i, j in row)
 
-    def row_length(self, plan: StepPlan, rows: List[List[Slot]]) -> int:
-        """``S`` of one microbatch of ``plan`` under ``row_shape``."""
+    def row_length(self, plan: StepPlan, row: List[Slot]) -> int:
+        """``T`` of one microbatch of ``plan`` under ``row_shape``."""
         m, shape = self.cfg.pad_to_multiple_of, self.cfg.row_shape
         if shape == "static":
             return self.cfg.micro_batch_tokens
-        if shape == "step":
-            rows = [row for rank in plan.ranks for mb in rank for row in mb]
-        return max([self._row_tokens(row) for row in rows] + [m])
+        rows = [r for rank in plan.ranks for r in rank] if shape == "step" else [row]
+        return max([self._row_tokens(r) for r in rows] + [m])
 
-    def _microbatch(self, rows: List[List[Slot]], row_len: int) -> Microbatch:
+    def microbatches_per_rank(self, plan: StepPlan) -> int:
+        """How many microbatches every rank runs for ``plan`` (with ``equalize_microbatches``)."""
+        k = self.cfg.microbatch_multiple
+        return -(-max(len(r) for r in plan.ranks) // k) * k
+
+    def _microbatch(self, row: List[Slot], row_len: int) -> Microbatch:
         cache: Dict[int, List[SequenceSpec]] = {}
         specs = []
-        for row in rows:
-            specs.append([])
-            for i, j in row:
-                if i not in cache:
-                    cache[i] = self.dataset.sequences(i)
-                specs[-1].append(cache[i][j])
+        for i, j in row:
+            if i not in cache:
+                cache[i] = self.dataset.sequences(i)
+            specs.append(cache[i][j])
         return build_microbatch(specs, row_len, self.pad_id, self.cfg.pad_to_multiple_of,
                                 with_ref_logps=self.dataset.has_ref_logps)
 
+    def _rows_of_rank(self, plan: StepPlan, rank: int) -> List[List[Slot]]:
+        mine = plan.ranks[rank]
+        if self.cfg.equalize_microbatches:
+            mine = mine + [[]] * (self.microbatches_per_rank(plan) - len(mine))
+        return mine
+
     def build(self, plan: StepPlan) -> StepBatch:
         """This rank's StepBatch for ``plan``."""
-        mine = plan.ranks[self.dp_rank]
-        if self.cfg.equalize_microbatches:
-            target = max(len(r) for r in plan.ranks)
-            empty = [[] for _ in range(self.cfg.rows_per_microbatch)]
-            mine = mine + [empty] * (target - len(mine))
         return StepBatch(
-            microbatches=[self._microbatch(rows, self.row_length(plan, rows)) for rows in mine],
+            microbatches=[self._microbatch(row, self.row_length(plan, row))
+                          for row in self._rows_of_rank(plan, self.dp_rank)],
             global_num_loss_tokens=plan.num_loss_tokens,
             global_num_pairs=plan.num_pairs,
             global_num_sequences=plan.num_sequences,
@@ -282,16 +271,10 @@ class PackedStepSampler:
         balance = real tokens / (dp_size x the busiest rank's allocated tokens): the share of the step's
         compute slots doing useful work when ranks wait for the slowest at the gradient all-reduce.
         """
-        B = self.cfg.rows_per_microbatch
-        target = max(len(r) for r in plan.ranks)
-        per_rank = []
-        for rank in plan.ranks:
-            mbs = list(rank)
-            if self.cfg.equalize_microbatches:
-                mbs += [[[] for _ in range(B)]] * (target - len(rank))
-            per_rank.append(sum(B * self.row_length(plan, rows) for rows in mbs))
+        per_rank = [sum(self.row_length(plan, row) for row in self._rows_of_rank(plan, r))
+                     for r in range(self.dp_size)]
         allocated = sum(per_rank)
         return {"real_tokens": plan.num_real_tokens, "allocated_tokens": allocated,
                 "efficiency": plan.num_real_tokens / allocated,
                 "balance": plan.num_real_tokens / (self.dp_size * max(per_rank)),
-                "microbatches_per_rank": target}
+                "microbatches_per_rank": len(self._rows_of_rank(plan, 0))}

@@ -21,10 +21,8 @@ class StageBudget:
     global_batch_size: int
     lr: float
     warmup_ratio: float = 0.1
-    # Rows of 512 tokens (2-3 sequences) x 4 per microbatch: the CPU attention is quadratic in the row
-    # length, and this was the fastest of 512/1024/2048-token rows measured on 2 cores.
-    micro_batch_tokens: int = 512
-    micro_batch_rows: int = 4
+    # One packed (THD) row of 2048 tokens per microbatch (~10 sequences); attention is per sequence.
+    micro_batch_tokens: int = 2048
     tp: int = 1
 
 

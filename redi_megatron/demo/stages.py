@@ -193,7 +193,7 @@ def train_config(ctx: Context, name: str, budget: StageBudget, loss: str, params
         data=schema.DataConfig(train_path=train_path, tokenizer=ctx.path("tokenizer"),
                                global_batch_size=budget.global_batch_size,
                                micro_batch_tokens=budget.micro_batch_tokens,
-                               micro_batch_rows=budget.micro_batch_rows, seed=cfg.seed),
+                               seed=cfg.seed),
         loss=schema.LossConfig(name=loss, params=dict(params)),
         optimizer=schema.OptimizerConfig(lr=budget.lr, min_lr=0.0, warmup_ratio=budget.warmup_ratio,
                                          decay="linear"),

@@ -1,4 +1,5 @@
-"""Layer specs: Transformer Engine on GPU, Megatron's local modules plus CPU substitutes otherwise."""
+"""Layer specs: Transformer Engine where it imports, else Megatron's local modules plus our THD attention and
+sequence-parallel RMSNorm (CPU, or CUDA without TE)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -45,11 +46,11 @@ def block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
-    from redi_megatron.models.cpu_attention import CPUCoreAttention
+    from redi_megatron.models.thd_attention import THDCoreAttention
 
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     layer.submodules.input_layernorm = SPRMSNorm
     layer.submodules.pre_mlp_layernorm = SPRMSNorm
-    layer.submodules.self_attention.submodules.core_attention = CPUCoreAttention
+    layer.submodules.self_attention.submodules.core_attention = THDCoreAttention
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=SPRMSNorm)

@@ -1,9 +1,14 @@
-"""Context parallelism: Megatron's load-balanced sequence split and its inverse.
+"""Context parallelism over packed (THD) rows: the per-sequence load-balanced split and its inverse.
 
-With causal attention the last tokens of a sequence do the most work, so Megatron cuts each row into
-``2*CP`` equal chunks and gives CP rank ``r`` chunks ``r`` and ``2*CP-1-r``
-(``get_batch_on_this_cp_rank``). Every tensor that lines up with the model's output on a CP rank
-(labels, loss masks, sequence ids) must be cut the same way; these functions are the one definition.
+A microbatch is one row of ``T`` tokens holding several sequences back to back; ``cu_seqlens_padded``
+``[N+1]`` are their offsets, each sequence padded to a multiple of ``2*CP``. With causal attention the
+last tokens of a sequence do the most work, so every *sequence* (not the row) is cut into ``2*CP`` equal
+chunks and CP rank ``r`` holds chunks ``r`` and ``2*CP-1-r`` of each, sequence after sequence. This is
+Transformer Engine's ``thd_get_partitioned_indices`` (used by Megatron's ``get_thd_batch_on_this_cp_rank``)
+and the layout Megatron's THD RoPE assumes; :func:`thd_partition_index` is the one definition here, on
+both the CPU and the GPU path. Every tensor that lines up with the model's output on a CP rank (input ids,
+labels, loss masks, sequence ids) is cut with it. A row holding one sequence is the special case
+``cu_seqlens_padded = [0, T]``: the classic split of the row into ``2*CP`` chunks.
 """
 from __future__ import annotations
 
@@ -14,47 +19,58 @@ import torch.distributed as dist
 
 
 def cp_chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
-    """The two chunk indices (of ``2*cp_size``) held by ``cp_rank``."""
+    """The two chunk indices (of ``2*cp_size``) that ``cp_rank`` holds of every sequence."""
     return cp_rank, 2 * cp_size - 1 - cp_rank
 
 
-def cp_local_positions(seq_len: int, cp_rank: int, cp_size: int,
-                       device: torch.device | str = "cpu") -> torch.Tensor:
-    """Global positions ``[seq_len // cp_size]`` held by ``cp_rank``, in local order."""
+def check_thd_boundaries(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int) -> None:
+    """ValueError unless ``cu_seqlens_padded`` splits ``total`` tokens into segments of multiples of 2*CP."""
+    cu = cu_seqlens_padded.detach().cpu().long()
+    if cu.dim() != 1 or cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != total:
+        raise ValueError(f"cu_seqlens_padded must be [N+1] from 0 to the row length {total}, got {cu.tolist()}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths <= 0).any()) or (cp_size > 1 and bool((lengths % (2 * cp_size)).any())):
+        raise ValueError(f"every packed sequence must have a positive length divisible by 2*CP = {2 * cp_size}, "
+                         f"got lengths {lengths.tolist()}")
+
+
+def thd_partition_index(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Row positions held by ``cp_rank``, in its local order: ``[total // cp_size]`` long.
+
+    For each sequence ``i`` (padded length ``L_i``, offset ``o_i``) the rank holds
+    ``o_i + [r*c, (r+1)*c)`` then ``o_i + [(2CP-1-r)*c, (2CP-r)*c)`` with ``c = L_i / (2*CP)``.
+    Vectorised (no host sync), on ``cu_seqlens_padded``'s device; boundaries are checked by
+    :func:`check_thd_boundaries` where the batch is built.
+    """
+    device = cu_seqlens_padded.device
     if cp_size == 1:
-        return torch.arange(seq_len, device=device)
-    if seq_len % (2 * cp_size):
-        raise ValueError(f"sequence length {seq_len} must be a multiple of 2*CP = {2 * cp_size}")
-    chunk = seq_len // (2 * cp_size)
-    first, second = cp_chunk_ids(cp_rank, cp_size)
-    return torch.cat([torch.arange(first * chunk, (first + 1) * chunk, device=device),
-                      torch.arange(second * chunk, (second + 1) * chunk, device=device)])
+        return torch.arange(total, device=device)
+    cu = cu_seqlens_padded.long()
+    local_cu = cu // cp_size                                    # each sequence's share on one rank
+    local = torch.arange(total // cp_size, device=device)
+    seq = torch.searchsorted(local_cu[1:].contiguous(), local, right=True)
+    within = local - local_cu[seq]                              # position in the sequence's local share
+    chunk = (local_cu[1:] - local_cu[:-1])[seq] // 2            # c = L_i / (2*CP)
+    first = within < chunk
+    first_id, second_id = cp_chunk_ids(cp_rank, cp_size)
+    chunk_id = torch.where(first, torch.full_like(seq, first_id), torch.full_like(seq, second_id))
+    return cu[seq] + chunk_id * chunk + within - torch.where(first, torch.zeros_like(chunk), chunk)
 
 
-def split_for_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], seq_dim: int = 1
-                 ) -> torch.Tensor:
-    """This CP rank's part of ``tensor`` along ``seq_dim``: ``[B, S] -> [B, S//CP]``. None/size 1: no-op."""
+def split_for_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], cu_seqlens_padded: torch.Tensor,
+                 seq_dim: int = 1) -> torch.Tensor:
+    """This CP rank's part of ``tensor`` along ``seq_dim``: ``[1, T] -> [1, T//CP]``. None/size 1: no-op."""
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return tensor
-    cp_size, cp_rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    index = cp_local_positions(tensor.shape[seq_dim], cp_rank, cp_size, tensor.device)
+    index = thd_partition_index(cu_seqlens_padded.to(tensor.device), tensor.shape[seq_dim],
+                                dist.get_world_size(cp_group), dist.get_rank(cp_group))
     return tensor.index_select(seq_dim, index)
 
 
-def global_order_from_cp_chunks(gathered: torch.Tensor, cp_size: int, seq_dim: int = 0) -> torch.Tensor:
-    """Undo the load-balanced order of an all-gathered tensor.
-
-    ``gathered`` concatenates every CP rank's local part along ``seq_dim`` in rank order
-    (rank 0's two chunks, then rank 1's, ...); the result is in global sequence order.
-    """
-    if cp_size == 1:
-        return gathered
-    chunks = gathered.chunk(2 * cp_size, dim=seq_dim)
-    ordered: list[Optional[torch.Tensor]] = [None] * (2 * cp_size)
-    for r in range(cp_size):
-        first, second = cp_chunk_ids(r, cp_size)
-        ordered[first], ordered[second] = chunks[2 * r], chunks[2 * r + 1]
-    return torch.cat(ordered, dim=seq_dim)  # type: ignore[arg-type]
+def global_order_index(cu_seqlens_padded: torch.Tensor, total: int, cp_size: int) -> torch.Tensor:
+    """``[total]`` long: row position of each element of an all-gather of every CP rank's local part
+    (rank 0's part, then rank 1's, ...)."""
+    return torch.cat([thd_partition_index(cu_seqlens_padded, total, cp_size, r) for r in range(cp_size)])
 
 
 class _AllGatherDim0(torch.autograd.Function):
@@ -81,15 +97,16 @@ class _AllGatherDim0(torch.autograd.Function):
         return out, None
 
 
-def all_gather_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], seq_dim: int = 0
+def all_gather_cp(tensor: torch.Tensor, cp_group: Optional[dist.ProcessGroup], cu_seqlens_padded: torch.Tensor
                   ) -> torch.Tensor:
-    """All-gather this CP rank's part along ``seq_dim`` and return it in global sequence order.
+    """All-gather every CP rank's part along dim 0 and return it in row order: ``[T//CP, ...] -> [T, ...]``.
 
     Differentiable: each rank's gradient is the sum, over all ranks, of the gradient that flowed into
-    its own slice. ``[S//CP, ...] -> [S, ...]``.
+    its own slice.
     """
     if cp_group is None or dist.get_world_size(cp_group) == 1:
         return tensor
-    moved = tensor.movedim(seq_dim, 0)
-    gathered = _AllGatherDim0.apply(moved, cp_group)
-    return global_order_from_cp_chunks(gathered, dist.get_world_size(cp_group), 0).movedim(0, seq_dim)
+    cp_size = dist.get_world_size(cp_group)
+    gathered = _AllGatherDim0.apply(tensor, cp_group)
+    order = global_order_index(cu_seqlens_padded.to(tensor.device), gathered.shape[0], cp_size)
+    return gathered.index_select(0, torch.argsort(order))

@@ -161,9 +161,11 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
         raise ValueError(f"microbatch: ref_logps must be [N]={n}, got {tuple(ref.shape)}")
     no_pairs = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_sequence else no_pairs
+    cu = _field(mb, "cu_seqlens_padded", required=ParallelGroups.size(groups.cp) > 1)
+    cut = lambda t: split_for_cp(t, groups.cp, cu)  # noqa: E731  (the model's per-sequence CP partition)
     return _Prepared(
-        labels=split_for_cp(labels, groups.cp).long(), loss_mask=split_for_cp(loss_mask, groups.cp).float(),
-        seq_ids=split_for_cp(seq_ids, groups.cp).long(), num_sequences=n, seq_lengths=lengths.float(),
+        labels=cut(labels).long(), loss_mask=cut(loss_mask).float(),
+        seq_ids=cut(seq_ids).long(), num_sequences=n, seq_lengths=lengths.float(),
         roles=roles, chosen_index=chosen_idx, rejected_index=rejected_idx,
         num_chosen=(roles == ROLE_CHOSEN).sum().to(torch.int32),
         ref_logps=None if ref is None else ref.float())

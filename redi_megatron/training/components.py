@@ -112,9 +112,12 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc, progress=False)
     packing = PackingConfig(
         global_batch_size=cfg.data.global_batch_size, micro_batch_tokens=cfg.data.micro_batch_tokens,
-        rows_per_microbatch=cfg.data.micro_batch_rows, pad_to_multiple_of=cfg.parallel.seq_multiple(),
-        # The interleaved (VPP) schedule exchanges no shapes: every microbatch of a step has one length.
+        pad_to_multiple_of=cfg.parallel.seq_multiple(),
+        # The interleaved (VPP) schedule exchanges no shapes, so every microbatch of a step has one
+        # length, and it needs a microbatch count that is a multiple of PP: ranks get empty
+        # (zero-loss) microbatches up to that.
         row_shape="step" if cfg.parallel.vpp is not None else "trim",
+        microbatch_multiple=cfg.parallel.pp if cfg.parallel.vpp is not None else 1,
         seed=cfg.data.seed)
     check_lengths(dataset, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -177,7 +180,7 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
         adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
         bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=o.use_distributed_optimizer), wrapped)
-    warmup = int(round(o.warmup_ratio * steps))
+    warmup = warmup_steps(o.warmup_ratio, steps)
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(steps, warmup + 1), lr_decay_style=o.decay, start_wd=o.weight_decay,
@@ -186,6 +189,12 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
     return wrapped, optimizer, scheduler, use_te
+
+
+def warmup_steps(ratio: float, steps: int) -> int:
+    """Warmup steps as HF's ``get_warmup_steps`` (the authors' stack) counts them: ``ceil(ratio * steps)``
+    (1662 steps at 0.1 -> 167). The product is rounded first so 0.1 * 1660 = 166.00000000000003 stays 166."""
+    return math.ceil(round(ratio * steps, 9))
 
 
 def with_model(cfg: RunConfig, model_cfg: ModelConfig) -> RunConfig:

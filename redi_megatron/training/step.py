@@ -12,37 +12,49 @@ from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metr
 from redi_megatron.parallel.state import ParallelGroups
 
 
-def run_schedule(chunks: list, microbatches: list, groups: ParallelGroups, use_te: bool,
+def model_device(chunks: list) -> torch.device:
+    """Where the model's parameters live (the device every microbatch is moved to)."""
+    return next(chunks[0].parameters()).device
+
+
+def run_schedule(chunks: list, microbatches: list, groups: ParallelGroups,
                  make_func: Callable[[Any], Callable], forward_only: bool) -> list:
     """Run ``microbatches`` through ``get_forward_backward_func``; returns the last stage's metrics list.
 
-    ``make_func(mb)`` builds the microbatch's Megatron ``loss_func`` (validated before the forward).
+    Each microbatch goes to the model's device once, here (pinned, non-blocking on CUDA), before the
+    model and its ``loss_func`` see it. ``make_func(mb)`` builds the microbatch's Megatron ``loss_func``
+    (validated before the forward).
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    device = model_device(chunks)
+
     def forward_step(data_iterator, model):
-        mb = next(data_iterator)
+        mb = next(data_iterator).to(device, non_blocking=True)
         loss_func = make_func(mb)
-        return model(**model_inputs(mb, groups, use_te)), loss_func
+        return model(**model_inputs(mb, groups)), loss_func
 
     if not microbatches:
         return []
-    rows, seq = microbatches[0].tokens.shape
     iters = [iter(microbatches) for _ in chunks]
-    cp = ParallelGroups.size(groups.cp)
+    # THD rows: micro_batch_size is 1 and seq_length the packed row length T. The schedules divide it by
+    # CP (and by TP under sequence parallelism) themselves; with variable_seq_lengths (no VPP) they
+    # exchange each microbatch's real shape instead, and under VPP the sampler makes every row of the
+    # step T tokens long.
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iters if len(iters) > 1 else iters[0],
         model=chunks if len(chunks) > 1 else chunks[0], num_microbatches=len(microbatches),
-        seq_length=seq // cp, micro_batch_size=rows, forward_only=forward_only)
+        seq_length=max(mb.tokens.shape[1] for mb in microbatches), micro_batch_size=1,
+        forward_only=forward_only)
 
 
-def train_step(c, batch) -> dict[str, float]:
-    """Forward/backward over this rank's microbatches of one global batch, then the optimizer step.
+def forward_backward(c, batch) -> list:
+    """Zero the gradients, then forward/backward over this rank's microbatches of one global batch.
 
-    ``c`` is the run's ``Components``; ``batch`` its ``StepBatch``. Returns logged scalars (identical on
-    every rank): the loss per normaliser and the loss's metrics, lr, grad norm, tokens, seconds.
+    Afterwards every parameter's ``main_grad`` holds the gradient of the global-batch loss (Megatron's
+    ``finalize_model_grads`` has reduced it over DP/CP and divided by the global normaliser). Returns
+    the last stage's per-microbatch metrics.
     """
-    start = time.perf_counter()
     for chunk in c.chunks:
         chunk.zero_grad_buffer()
     c.optimizer.zero_grad()
@@ -53,7 +65,17 @@ def train_step(c, batch) -> dict[str, float]:
 
     for chunk in c.chunks:
         chunk.train()
-    metrics_list = run_schedule(c.chunks, batch.microbatches, c.groups, c.use_te, make, forward_only=False)
+    return run_schedule(c.chunks, batch.microbatches, c.groups, make, forward_only=False)
+
+
+def train_step(c, batch) -> dict[str, float]:
+    """:func:`forward_backward` over one global batch, then the optimizer step.
+
+    ``c`` is the run's ``Components``; ``batch`` its ``StepBatch``. Returns logged scalars (identical on
+    every rank): the loss per normaliser and the loss's metrics, lr, grad norm, tokens, seconds.
+    """
+    start = time.perf_counter()
+    metrics_list = forward_backward(c, batch)
     ok, grad_norm, _ = c.optimizer.step()
     c.scheduler.step(increment=1)
     metrics = reduce_step_metrics(metrics_list, c.groups)
@@ -70,4 +92,4 @@ def forward_only(c, microbatches: list, make_func: Callable[[Any], Callable]) ->
     """Forward-only pass (e.g. DPO reference log-probs); returns the last stage's outputs."""
     for chunk in c.chunks:
         chunk.eval()
-    return run_schedule(c.chunks, microbatches, c.groups, c.use_te, make_func, forward_only=True)
+    return run_schedule(c.chunks, microbatches, c.groups, make_func, forward_only=True)
