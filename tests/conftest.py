@@ -13,3 +13,22 @@ def qwen_tok():
         return load_tokenizer(qwen_tokenizer_dir())
     except FileNotFoundError as e:
         pytest.skip(f"real Qwen tokenizer files unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def tiny_train_data(tmp_path_factory):
+    """Curated positives and pairs from the synthetic OpenR1 fixture, with a tiny BPE tokenizer
+    (prompts <= 200 and completions <= 400 tokens)."""
+    from redi_megatron.data.curate import CurationConfig, curate
+    from redi_megatron.data.synthetic import raw_rows, tiny_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("train_data")
+    tok = tiny_tokenizer(vocab_size=300)
+    tok.save_pretrained(str(root / "tokenizer"))
+    rows, _ = raw_rows(0)
+    write_jsonl(rows, str(root / "raw.jsonl"))
+    curate(CurationConfig(input=str(root / "raw.jsonl"), output=str(root / "curated"), tokenizer="", num_proc=1,
+                          progress=False, output_format="jsonl", max_prompt_tokens=200,
+                          max_completion_tokens=400, length_filter="both"), tokenizer=tok)
+    return {"tokenizer": str(root / "tokenizer"), "positives": str(root / "curated" / "positives.jsonl"),
+            "pairs": str(root / "curated" / "pairs.jsonl"), "root": root}

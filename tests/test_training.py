@@ -15,21 +15,8 @@ TINY_MODEL = dict(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attenti
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Curated positives and pairs from the synthetic OpenR1 fixture, with a tiny BPE tokenizer."""
-    from redi_megatron.data.curate import CurationConfig, curate
-    from redi_megatron.data.synthetic import raw_rows, tiny_tokenizer, write_jsonl
-
-    root = tmp_path_factory.mktemp("train_data")
-    tok = tiny_tokenizer(vocab_size=300)
-    tok.save_pretrained(str(root / "tokenizer"))
-    rows, _ = raw_rows(0)
-    write_jsonl(rows, str(root / "raw.jsonl"))
-    curate(CurationConfig(input=str(root / "raw.jsonl"), output=str(root / "curated"), tokenizer="", num_proc=1,
-                          progress=False, output_format="jsonl", max_prompt_tokens=200,
-                          max_completion_tokens=400, length_filter="both"), tokenizer=tok)
-    return {"tokenizer": str(root / "tokenizer"), "positives": str(root / "curated" / "positives.jsonl"),
-            "pairs": str(root / "curated" / "pairs.jsonl"), "root": root}
+def data(tiny_train_data):
+    return tiny_train_data
 
 
 def _cfg(data, save_dir, loss="sft", **over):
@@ -37,7 +24,7 @@ def _cfg(data, save_dir, loss="sft", **over):
         "model": dict(TINY_MODEL),
         "data": {"train_path": data["positives" if loss == "sft" else "pairs"], "tokenizer": data["tokenizer"],
                  "global_batch_size": 8, "micro_batch_tokens": 512 if loss == "sft" else 1024},
-        "loss": {"name": loss, "params": {"alpha": 0.8} if loss == "redi" else {}},
+        "loss": {"name": loss, "params": {"alpha": 0.8} if loss == "redi" else {}},  # DPO: default beta
         "optimizer": {"lr": 3e-3, "warmup_ratio": 0.0, "decay": "constant", "clip_grad": 1.0},
         "train": {"dtype": "fp32", "max_steps": 4, "seed": 3},
         "checkpoint": {"save_dir": str(save_dir), "keep_last": 2},
@@ -77,16 +64,91 @@ def test_sft_learns_and_redi_chains_from_its_checkpoint(data, tmp_path):
     assert {"chosen_logps", "rejected_logps", "margin", "accuracy", "grad_norm", "lr"} <= set(metrics)
 
 
-@pytest.mark.parametrize("loss,layout", [("sft", dict(tp=2)), ("redi", dict(cp=2)), ("redi", dict(pp=2)),
-                                         ("sft", dict(dp=2))])
-def test_parallel_layouts_match_single_rank(data, tmp_path, loss, layout):
-    ref_cfg = _cfg(data, tmp_path / "ref", loss=loss, train__max_steps=2)
-    ref, _ = run_distributed(_train, 1, args=(ref_cfg,), timeout=240)[0]
+def _first_step_grads(cfg, plain: bool = False) -> dict:
+    """The trainer's first step up to the optimizer: full (TP-gathered) gradients of this PP stage.
+
+    ``plain``: also the gradient written independently of ``parallel.loss_scaling`` and Megatron's
+    schedule (single rank only): plain autograd on each microbatch's logits, the loss from its formula
+    divided by the step's global normaliser, accumulated by DDP's hooks without ``finalize_model_grads``.
+    """
+    from redi_megatron.models.inputs import model_inputs
+    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.parallel.reductions import sequence_sums
+    from redi_megatron.training.step import forward_backward
+    from redi_megatron.training.trainer import setup
+
+    # The distributed optimizer reduce-scatters: each rank's main_grad would hold only its own shard.
+    cfg.optimizer.use_distributed_optimizer = False
+    c, _ = setup(cfg)
+    batch = c.sampler.next_step()
+    forward_backward(c, batch)
+    out = {"trainer": gather_stage_tensors(c.chunks, c.groups.tp, select=lambda p: p.main_grad),
+           "microbatches": len(batch.microbatches)}
+    if plain:
+        (model,) = c.chunks
+        model.zero_grad_buffer()
+        for mb in batch.microbatches:
+            logits = model(**model_inputs(mb, c.groups)).float()[0, :, :c.model_cfg.vocab_size]
+            tok = torch.log_softmax(logits, -1).gather(-1, mb.labels[0, :, None])[:, 0] * mb.loss_mask[0]
+            if cfg.loss.name == "sft":
+                loss = -tok.sum() / batch.global_num_loss_tokens
+            else:  # REDI: -logp(y_w)/|y_w| + alpha * logp(y_l)/|y_l|, per pair, over the step's pairs
+                norm = sequence_sums(tok[None], mb.seq_ids, mb.num_sequences) / mb.num_loss_tokens
+                sign = torch.where(mb.roles == 1, -1.0, cfg.loss.params["alpha"])
+                loss = (sign * norm).sum() / batch.global_num_pairs
+            loss.backward()
+        out["plain"] = gather_stage_tensors(c.chunks, c.groups.tp, select=lambda p: p.main_grad)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single_rank_grads(data, tmp_path_factory):
+    """The single-rank trainer's first-step gradients per case, checked against the plain gradient."""
+    cache = {}
+
+    def get(loss, **over):
+        key = (loss, tuple(sorted(over.items())))
+        if key not in cache:
+            cfg = _cfg(data, tmp_path_factory.mktemp("ref"), loss=loss, **over)
+            cache[key] = run_distributed(_first_step_grads, 1, args=(cfg, loss != "dpo"), timeout=240)[0]
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("loss", ["sft", "redi"])
+def test_trainer_gradient_is_the_global_mean_gradient(single_rank_grads, loss):
+    """Catches any normaliser bug (e.g. sums instead of means, per-microbatch instead of global)."""
+    ref = single_rank_grads(loss)
+    assert ref["microbatches"] > 1
+    for key, plain in ref["plain"].items():
+        assert plain.abs().max() > 0, key
+        torch.testing.assert_close(ref["trainer"][key], plain, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+@pytest.mark.parametrize("loss,layout,over", [
+    ("sft", dict(tp=2), {}), ("redi", dict(cp=2), {}), ("redi", dict(pp=2), {}), ("sft", dict(dp=2), {}),
+    # VPP: everything packs into one microbatch, which the interleaved schedule refuses at PP 2 unless the
+    # sampler pads the step with an empty one; DPO's reference pass runs through the same schedule.
+    ("dpo", dict(pp=2, vpp=2), dict(model__num_layers=4, data__micro_batch_tokens=16384)),
+])
+def test_parallel_layouts_match_single_rank_gradients(data, tmp_path, single_rank_grads, loss, layout, over):
+    ref = single_rank_grads(loss, **over)
     par = {k: v for k, v in layout.items() if k != "dp"}
-    cfg = _cfg(data, tmp_path / "par", loss=loss, train__max_steps=2,
-               **{f"parallel__{k}": v for k, v in par.items()})
-    got, _ = run_distributed(_train, 2, args=(cfg,), timeout=240, **par)[0]
-    torch.testing.assert_close(torch.tensor(got), torch.tensor(ref), rtol=2e-4, atol=2e-4)
+    cfg = _cfg(data, tmp_path / "par", loss=loss, **over, **{f"parallel__{k}": v for k, v in par.items()})
+    results = run_distributed(_first_step_grads, 2, args=(cfg,), timeout=240, **par)
+    grads: dict = {}
+    for r in results:
+        grads.update(r["trainer"])
+    assert grads.keys() == ref["trainer"].keys()
+    for key, expect in ref["trainer"].items():
+        assert expect.abs().max() > 0, key
+        torch.testing.assert_close(grads[key], expect, rtol=1e-5, atol=1e-7, msg=lambda m: f"{key}: {m}")
+
+
+def test_warmup_steps_round_up_like_hf():
+    from redi_megatron.training.components import warmup_steps
+
+    assert warmup_steps(0.1, 1662) == 167 and warmup_steps(0.1, 1660) == 166 and warmup_steps(0.0, 50) == 0
 
 
 def test_kill_and_resume_continues_exactly(data, tmp_path):
@@ -137,3 +199,26 @@ def test_fp8_without_transformer_engine_is_a_clear_error(data, tmp_path):
         return "built"
 
     assert "Transformer Engine" in run_distributed(build, 1)[0]
+
+
+def _weights_before_and_after_a_zero_lr_step(cfg):
+    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.training.step import train_step
+    from redi_megatron.training.trainer import setup
+
+    c, _ = setup(cfg)
+    before = gather_stage_tensors(c.chunks, c.groups.tp)
+    train_step(c, c.sampler.next_step())
+    return before, gather_stage_tensors(c.chunks, c.groups.tp)
+
+
+@pytest.mark.parametrize("distributed_optimizer", [True, False])
+def test_bf16_first_step_keeps_the_loaded_weights(data, tmp_path, distributed_optimizer):
+    """bf16 keeps fp32 main weights in the optimizer: they must be refreshed after the weights are
+    loaded (init_from or random init), or the first step writes the optimizer's stale copy back."""
+    cfg = _cfg(data, tmp_path / "bf16", train__dtype="bf16", optimizer__lr=0.0,
+               optimizer__use_distributed_optimizer=distributed_optimizer)
+    before, after = run_distributed(_weights_before_and_after_a_zero_lr_step, 1, args=(cfg,), timeout=240)[0]
+    for key, value in before.items():
+        assert value.dtype == torch.bfloat16
+        assert torch.equal(after[key], value), key

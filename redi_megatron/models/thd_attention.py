@@ -49,9 +49,11 @@ class THDCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
-        if packed_seq_params is None or packed_seq_params.qkv_format != "thd":
-            raise ValueError("THDCoreAttention needs PackedSeqParams(qkv_format='thd') (models.inputs builds them)")
-        assert attention_bias is None and attention_mask is None
+        assert attention_bias is None and attention_mask is None, "attention is causal within each sequence"
+        if packed_seq_params is None:
+            return self._unpacked(query, key, value)
+        if packed_seq_params.qkv_format != "thd":
+            raise ValueError(f"THDCoreAttention: qkv_format {packed_seq_params.qkv_format!r} is not 'thd'")
         cu = packed_seq_params.cu_seqlens_q_padded
         group = packed_seq_params.cp_group
         cp_size = group.size() if group is not None else 1
@@ -63,6 +65,15 @@ class THDCoreAttention(MegatronModule):
         else:
             out = self._attend(query, key, value, cu, cp_size, group, 0.0)
         return out.reshape(out.shape[0], -1)
+
+    def _unpacked(self, query, key, value) -> torch.Tensor:
+        """Rows of one sequence each (``[s, b, h, d]``, no context parallelism): the checkpoint tools'
+        and evaluation's plain calls ``model(input_ids, position_ids, None)``."""
+        if self.config.context_parallel_size > 1:
+            raise ValueError("context parallelism needs packed (THD) inputs: pass packed_seq_params")
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        ctx = self._sdpa(q, k, v, None, True, self.dropout_p if self.training else 0.0)
+        return ctx.permute(2, 0, 1, 3).reshape(ctx.shape[2], ctx.shape[0], -1)
 
     def _attend(self, query, key, value, cu: torch.Tensor, cp_size: int, group, dropout: float) -> torch.Tensor:
         """Per-sequence causal attention. ``query [t, np, hn]`` local; ``key/value [T, ng, hn]`` whole row."""
@@ -81,8 +92,16 @@ class THDCoreAttention(MegatronModule):
             else:  # two chunks of the sequence: mask by position inside the sequence
                 pos = q_pos[lo:hi] - start
                 mask, causal = pos[:, None] >= torch.arange(end - start, device=pos.device)[None, :], False
-            ctx = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.scale,
-                enable_gqa=self.heads != self.groups)
+            ctx = self._sdpa(q, k, v, mask, causal, dropout)
             outs.append(ctx[0].transpose(0, 1))                    # [lq, np, hn]
         return torch.cat(outs, dim=0)
+
+    def _sdpa(self, q, k, v, mask: Optional[torch.Tensor], causal: bool, dropout: float) -> torch.Tensor:
+        """``[b, h, l, d]`` attention with grouped K/V heads. On CUDA the K/V heads are repeated so the
+        flash kernel applies (cheap next to attention); on the CPU ``enable_gqa`` avoids the copy."""
+        gqa = self.heads != self.groups
+        if gqa and q.is_cuda:
+            k, v = (t.repeat_interleave(self.heads // self.groups, dim=1) for t in (k, v))
+            gqa = False
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, scale=self.scale, enable_gqa=gqa)

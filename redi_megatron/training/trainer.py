@@ -59,6 +59,10 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
         from redi_megatron.models.init import init_by_name
 
         init_by_name(chunks, model_cfg, cfg.train.seed, ParallelGroups.rank(grps.tp), ParallelGroups.size(grps.tp))
+    if state is None:
+        # bf16: the optimizer made its fp32 main copies of the weights when it was built, before the
+        # weights above were loaded; without this its first step would write Megatron's random init back.
+        optimizer.reload_model_params()
     if spec.needs_reference and not dataset.has_ref_logps:
         _attach_reference(c)
     if state is not None:
