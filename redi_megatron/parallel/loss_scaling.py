@@ -48,7 +48,7 @@ import torch
 import torch.distributed as dist
 
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec
-from redi_megatron.parallel.context import split_for_cp
+from redi_megatron.parallel.context import check_thd_boundaries, split_for_cp
 from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 from redi_megatron.parallel.reductions import sequence_sums, sequence_sums_over_cp
 from redi_megatron.parallel.state import ParallelGroups
@@ -70,9 +70,9 @@ def validate_megatron_config(config: Any) -> None:
 class _Prepared:
     """A microbatch's loss inputs, validated and cut to this CP rank."""
 
-    labels: torch.Tensor        # [B, S/CP]
-    loss_mask: torch.Tensor     # [B, S/CP] float
-    seq_ids: torch.Tensor       # [B, S/CP] long
+    labels: torch.Tensor        # [1, T/CP]
+    loss_mask: torch.Tensor     # [1, T/CP] float
+    seq_ids: torch.Tensor       # [1, T/CP] long
     num_sequences: int
     seq_lengths: torch.Tensor   # [N] fp32
     roles: torch.Tensor         # [N] long
@@ -161,7 +161,10 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
         raise ValueError(f"microbatch: ref_logps must be [N]={n}, got {tuple(ref.shape)}")
     no_pairs = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
     chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_sequence else no_pairs
-    cu = _field(mb, "cu_seqlens_padded", required=ParallelGroups.size(groups.cp) > 1)
+    cp_size = ParallelGroups.size(groups.cp)
+    cu = _field(mb, "cu_seqlens_padded", required=cp_size > 1)
+    if cp_size > 1:
+        check_thd_boundaries(cu, labels.shape[1], cp_size)
     cut = lambda t: split_for_cp(t, groups.cp, cu)  # noqa: E731  (the model's per-sequence CP partition)
     return _Prepared(
         labels=cut(labels).long(), loss_mask=cut(loss_mask).float(),
@@ -188,13 +191,13 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
                    inplace_backward: bool = True) -> LossFunc:
     """Build Megatron's ``loss_func`` for one microbatch (call it in ``forward_step``).
 
-    microbatch: the data contract's ``Microbatch`` with full (not CP-split) ``labels``/``loss_mask``/
-        ``seq_ids [B, S]`` and ``roles``/``pair_ids``/``num_loss_tokens``/(``ref_logps``) ``[N]``; it is
+    microbatch: the data contract's ``Microbatch`` (one packed THD row) with full (not CP-split)
+        ``labels``/``loss_mask``/``seq_ids [1, T]``, ``cu_seqlens_padded`` (cut per sequence under CP) and ``roles``/``pair_ids``/``num_loss_tokens``/(``ref_logps``) ``[N]``; it is
         validated here, once, before the forward pass.
     vocab_size: the real vocabulary: labels are range-checked here instead of inside the step (saves a
         sync), and the logits' padding columns (``V_padded - vocab_size``) are left out of the softmax.
     inplace_backward: write the logits gradient into the logits buffer (see ``parallel.logprobs``).
-    Returns ``loss_func(logits [B, S/CP, V/TP]) -> (loss_sum, normaliser int32, metrics)`` for Megatron
+    Returns ``loss_func(logits [1, T/CP, V/TP]) -> (loss_sum, normaliser int32, metrics)`` for Megatron
     with ``calculate_per_token_loss=True`` (module docstring).
     """
     if not isinstance(hparams, spec.config_cls):
