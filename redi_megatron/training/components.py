@@ -89,10 +89,17 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
     hparams = spec.make_hparams(cfg.loss.params)
     model_cfg = resolve_model_config(cfg)
     cfg.parallel.validate(world_size, model_cfg)
-    if cfg.data.micro_batch_tokens % cfg.parallel.seq_multiple():
+    if cfg.data.micro_batch_tokens % sequence_multiple(cfg):
         raise ValueError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
-                         f"{cfg.parallel.seq_multiple()} (2*CP, times TP with sequence parallelism)")
+                         f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; 16 with FP8)")
     return model_cfg, spec, hparams
+
+
+def sequence_multiple(cfg: RunConfig) -> int:
+    """Every packed sequence is padded to a multiple of this: the CP split and the SP scatter need
+    ``parallel.seq_multiple()``; FP8 GEMMs in Transformer Engine need token counts divisible by 16."""
+    multiple = cfg.parallel.seq_multiple()
+    return multiple * 16 // math.gcd(multiple, 16) if cfg.train.fp8 else multiple
 
 
 def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: ParallelGroups):
@@ -112,7 +119,7 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         dataset = build(cfg.data.train_path, tokenizer, num_proc=cfg.data.num_proc, progress=False)
     packing = PackingConfig(
         global_batch_size=cfg.data.global_batch_size, micro_batch_tokens=cfg.data.micro_batch_tokens,
-        pad_to_multiple_of=cfg.parallel.seq_multiple(),
+        pad_to_multiple_of=sequence_multiple(cfg),
         # The interleaved (VPP) schedule exchanges no shapes, so every microbatch of a step has one
         # length, and it needs a microbatch count that is a multiple of PP: ranks get empty
         # (zero-loss) microbatches up to that.
