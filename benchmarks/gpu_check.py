@@ -90,7 +90,7 @@ def _parity_run(dtype: str) -> dict:
     """Loss and full gradients of one forward/backward per loss (this process's device)."""
     from redi_megatron.data.batch import StepBatch
     from redi_megatron.parallel.loss_scaling import reduce_step_metrics
-    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.training.step import forward_backward
 
     out = {}

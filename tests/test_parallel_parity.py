@@ -51,7 +51,7 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
     from redi_megatron.models.builder import build_model_chunks
     from redi_megatron.models.sharding import load_full_state_dict
     from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
-    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.parallel.state import groups
     from redi_megatron.training.step import run_schedule
 
@@ -123,7 +123,7 @@ def _named(model) -> dict:
 
 def _init_full_state_dict():
     from redi_megatron.models.builder import build_gpt_model
-    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.testing.params import gather_stage_tensors
 
     torch.manual_seed(0)
     return gather_stage_tensors([build_gpt_model(MODEL, ParallelConfig())], None)

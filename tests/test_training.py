@@ -72,7 +72,7 @@ def _first_step_grads(cfg, plain: bool = False) -> dict:
     divided by the step's global normaliser, accumulated by DDP's hooks without ``finalize_model_grads``.
     """
     from redi_megatron.models.inputs import model_inputs
-    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.parallel.reductions import sequence_sums
     from redi_megatron.training.step import forward_backward
     from redi_megatron.training.trainer import setup
@@ -202,7 +202,7 @@ def test_fp8_without_transformer_engine_is_a_clear_error(data, tmp_path):
 
 
 def _weights_before_and_after_a_zero_lr_step(cfg):
-    from redi_megatron.parallel.params import gather_stage_tensors
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.training.step import train_step
     from redi_megatron.training.trainer import setup
 

@@ -5,7 +5,7 @@ consumes it, and tests load it into any TP/PP/CP layout to get exactly the singl
 Slicing rules come from the attributes Megatron puts on each parameter (``tensor_model_parallel``,
 ``partition_dim``), plus one special case: the gated MLP's ``linear_fc1`` stores ``[gate; up]`` and a
 TP rank holds ``[gate_r; up_r]``, not a contiguous slice of the full tensor.
-Pure tensor code: the collectives that invert it live in ``redi_megatron.parallel.params``.
+Pure tensor code: the collectives that invert it live in ``redi_megatron.testing.params``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Gather model parameters (or their gradients) from TP shards and PP stages into full tensors."""
+"""Gather model parameters (or their gradients) from TP shards and PP stages into full tensors (tests,
+benchmarks and the GPU check compare layouts with it)."""
 from __future__ import annotations
 
 from typing import Callable, Optional
