@@ -18,7 +18,7 @@ from redi_megatron.parallel.loss_scaling import (MEGATRON_CONFIG_OVERRIDES, make
                                                  validate_megatron_config)
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.testing.distributed import run_distributed
-from test_losses_support import VOCAB, isclose, make_microbatch, ref_loss
+from loss_references import VOCAB, isclose, make_microbatch, ref_loss
 
 HIDDEN, MICROBATCHES, DP = 8, 2, 2
 CASES = [("sft", {}, "packed"), ("redi", {"alpha": 0.8, "neg_weighting_gamma": 0.3}, "packed")]

@@ -2,7 +2,7 @@
 
 Single device: ``vocab_parallel_logprobs`` against ``log_softmax`` + gather (fp32, bf16, layouts, chunking,
 in-place backward, bad input) and ``make_loss_func`` against the plain references of
-tests/test_losses_support.py. Multi-rank (forked gloo ranks): TP4, and TP2 x CP2 x DP2, every loss, packed
+tests/loss_references.py. Multi-rank (forked gloo ranks): TP4, and TP2 x CP2 x DP2, every loss, packed
 and padded rows, fp32 and bf16 logits; each rank's logits are an exact slice of the reference logits, so
 values must agree to 1e-5 and gradients to 1e-5 (fp32) or one bf16 rounding step.
 """
@@ -19,7 +19,7 @@ from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metr
 from redi_megatron.parallel.reductions import seq_ids_from_cu_seqlens, sequence_sums
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.testing.distributed import run_distributed
-from test_losses_support import VOCAB, close, isclose, make_logits, make_microbatch, ref_global
+from loss_references import VOCAB, close, isclose, make_logits, make_microbatch, ref_global
 
 BF16, FP32 = torch.bfloat16, torch.float32
 CASES = [  # (loss, hyper-parameters, logits dtype, layout)
@@ -263,7 +263,7 @@ def test_make_loss_func_rejects_bad_microbatches():
 
 def test_sequence_logps_func_for_the_dpo_reference_pass():
     from redi_megatron.parallel.loss_scaling import make_sequence_logps_func
-    from test_losses_support import ref_sequence_logps, ref_token_logps
+    from loss_references import ref_sequence_logps, ref_token_logps
 
     mb = make_microbatch(12, "pairs", "padded")
     logits = make_logits(12, mb, BF16)

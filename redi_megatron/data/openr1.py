@@ -12,7 +12,7 @@ Three published schemas are recognised from their columns:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 SCHEMA_RAW = "openr1-raw"
 SCHEMA_RAW_V1 = "openr1-raw-v1"
@@ -222,13 +222,3 @@ def evaluate_row(row: Mapping[str, Any], rules: RowRules) -> RowOutcome:
             "uuid": uuid if isinstance(uuid, str) else None,
         },
     )
-
-
-def selected_texts(outcome: RowOutcome) -> List[Tuple[str, int]]:
-    """(role, generation index) of the generations a kept row contributes."""
-    out = []
-    if outcome.positive is not None:
-        out.append(("positive", outcome.positive))
-    if outcome.negative is not None:
-        out.append(("negative", outcome.negative))
-    return out

@@ -76,10 +76,6 @@ class TokenizedDataset:
     def has_ref_logps(self) -> bool:
         return self.ref_logps is not None
 
-    @property
-    def num_sequences_per_sample(self) -> int:
-        return self._k - 1
-
     def seq_lengths(self) -> np.ndarray:
         """Total length (prompt + completion) of each sequence, int64 ``[n, 1]`` (SFT) or ``[n, 2]`` (pair)."""
         return self._prompt_len[:, None] + self._completion_len

@@ -15,13 +15,6 @@ def sum_over(group: Optional[dist.ProcessGroup], *values: float) -> list[float]:
     return t.tolist()
 
 
-def max_over(group: Optional[dist.ProcessGroup], value: float) -> float:
-    t = torch.tensor([value], dtype=torch.float64)
-    if group is not None and dist.get_world_size(group) > 1:
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-    return float(t.item())
-
-
 def gather_objects(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
     """Every rank of ``group`` gets the list of all ranks' ``obj`` (picklable), in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:
