@@ -22,7 +22,8 @@ from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 
-ROLE_SFT, ROLE_CHOSEN, ROLE_REJECTED = 0, 1, 2
+from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT  # noqa: F401  (re-exported)
+
 NORMALIZERS = ("tokens", "pairs")
 
 
