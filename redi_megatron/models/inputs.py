@@ -9,12 +9,14 @@ from redi_megatron.parallel.context import split_for_cp
 from redi_megatron.parallel.state import ParallelGroups
 
 
-def packed_seq_params(mb: Any, groups: ParallelGroups) -> PackedSeqParams:
-    """Megatron's THD description of ``mb``'s packed row (global boundaries; TE and the local
-    ``THDCoreAttention`` both cut them per CP rank themselves)."""
+def packed_seq_params(mb: Any) -> PackedSeqParams:
+    """Megatron's THD description of ``mb``'s packed row: global boundaries, which TE and the local
+    ``THDCoreAttention`` cut per CP rank themselves. ``cp_group`` stays None: both attentions hold the
+    CP group they were built with (a group here would make TE re-register it on every call, Megatron's
+    dynamic-CP path)."""
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
                            cu_seqlens_q_padded=mb.cu_seqlens_padded, cu_seqlens_kv_padded=mb.cu_seqlens_padded,
-                           max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen, cp_group=groups.cp)
+                           max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
 
 
 def model_inputs(mb: Any, groups: ParallelGroups) -> dict[str, Any]:
@@ -24,5 +26,5 @@ def model_inputs(mb: Any, groups: ParallelGroups) -> dict[str, Any]:
         "input_ids": split_for_cp(mb.tokens, groups.cp, mb.cu_seqlens_padded),
         "position_ids": split_for_cp(mb.position_ids, groups.cp, mb.cu_seqlens_padded),
         "attention_mask": None,
-        "packed_seq_params": packed_seq_params(mb, groups),
+        "packed_seq_params": packed_seq_params(mb),
     }

@@ -46,6 +46,9 @@ class THDCoreAttention(MegatronModule):
         self.groups = config.num_query_groups // tp
         self.scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        if pg_collection is None:
+            raise ValueError("THDCoreAttention needs Megatron's pg_collection (its context-parallel group)")
+        self.cp_group = pg_collection.cp  # passed in by Megatron's SelfAttention, not read from globals
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params: Optional[PackedSeqParams] = None):
@@ -55,7 +58,7 @@ class THDCoreAttention(MegatronModule):
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"THDCoreAttention: qkv_format {packed_seq_params.qkv_format!r} is not 'thd'")
         cu = packed_seq_params.cu_seqlens_q_padded
-        group = packed_seq_params.cp_group
+        group = self.cp_group
         cp_size = group.size() if group is not None else 1
         key, value = all_gather_cp(key, group, cu), all_gather_cp(value, group, cu)
         dropout = self.dropout_p if self.training else 0.0
