@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
@@ -13,21 +13,30 @@ from redi_megatron.losses.registry import LossSpec, get_loss
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.parallel.state import ParallelGroups
 
+if TYPE_CHECKING:  # heavy imports, for the annotations only
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.optimizer import MegatronOptimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from redi_megatron.data.sampler import PackableDataset, PackedStepSampler
+
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @dataclass
 class Components:
+    """Everything one rank of a run holds: built by ``trainer.setup`` from the resolved config."""
+
     cfg: RunConfig
     groups: ParallelGroups
     model_cfg: ModelConfig
     loss_spec: LossSpec
-    loss_hparams: Any
-    chunks: list                       # DDP-wrapped model chunks (one per virtual stage)
-    optimizer: Any
-    scheduler: Any
-    dataset: Any
-    sampler: Any
+    loss_hparams: Any                  # the loss's own hyper-parameter dataclass (loss_spec.config_cls)
+    chunks: "list[DistributedDataParallel]"  # one per virtual pipeline stage
+    optimizer: "MegatronOptimizer"
+    scheduler: "OptimizerParamScheduler"
+    dataset: "PackableDataset"
+    sampler: "PackedStepSampler"
     tokenizer_dir: Optional[str]
     total_steps: int
     use_te: bool

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+from redi_megatron.data.batch import Microbatch, StepBatch
 
 from redi_megatron.models.inputs import model_inputs
 from redi_megatron.parallel.collectives import sum_over
 from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
 from redi_megatron.parallel.state import ParallelGroups
+
+if TYPE_CHECKING:
+    from redi_megatron.training.components import Components
 
 
 def model_device(chunks: list) -> torch.device:
@@ -17,8 +22,8 @@ def model_device(chunks: list) -> torch.device:
     return next(chunks[0].parameters()).device
 
 
-def run_schedule(chunks: list, microbatches: list, groups: ParallelGroups,
-                 make_func: Callable[[Any], Callable], forward_only: bool) -> list:
+def run_schedule(chunks: list, microbatches: list[Microbatch], groups: ParallelGroups,
+                 make_func: Callable[[Microbatch], Callable], forward_only: bool) -> list[dict]:
     """Run ``microbatches`` through ``get_forward_backward_func``; returns the last stage's metrics list.
 
     Each microbatch goes to the model's device once, here (pinned, non-blocking on CUDA), before the
@@ -48,7 +53,7 @@ def run_schedule(chunks: list, microbatches: list, groups: ParallelGroups,
         forward_only=forward_only)
 
 
-def forward_backward(c, batch) -> list:
+def forward_backward(c: "Components", batch: StepBatch) -> list[dict]:
     """Zero the gradients, then forward/backward over this rank's microbatches of one global batch.
 
     Afterwards every parameter's ``main_grad`` holds the gradient of the global-batch loss (Megatron's
@@ -68,7 +73,7 @@ def forward_backward(c, batch) -> list:
     return run_schedule(c.chunks, batch.microbatches, c.groups, make, forward_only=False)
 
 
-def train_step(c, batch) -> dict[str, float]:
+def train_step(c: "Components", batch: StepBatch) -> dict[str, float]:
     """:func:`forward_backward` over one global batch, then the optimizer step.
 
     ``c`` is the run's ``Components``; ``batch`` its ``StepBatch``. Returns logged scalars (identical on
@@ -88,7 +93,8 @@ def train_step(c, batch) -> dict[str, float]:
 
 
 @torch.no_grad()
-def forward_only(c, microbatches: list, make_func: Callable[[Any], Callable]) -> list:
+def forward_only(c: "Components", microbatches: list[Microbatch], make_func: Callable[[Microbatch], Callable]
+                 ) -> list[dict]:
     """Forward-only pass (e.g. DPO reference log-probs); returns the last stage's outputs."""
     for chunk in c.chunks:
         chunk.eval()
