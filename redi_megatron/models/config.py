@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
+    import torch
 
 FAMILIES = ("qwen2", "llama")
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # train.fp8 -> Megatron's fp8_recipe
@@ -86,10 +87,13 @@ class ParallelConfig:
         return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
 
 
-def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: Optional["torch.dtype"] = None,
                        on_gpu: bool = False, recompute: Optional[str] = None, fp8: Optional[str] = None):
     """Megatron ``TransformerConfig`` for the model under the given layout and precision."""
+    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.float32 if dtype is None else dtype
 
     batch_p2p = parallel.batch_p2p_comm
     if not on_gpu and parallel.vpp and parallel.pp == 2:
