@@ -215,8 +215,61 @@ def test_registering_a_new_loss_and_duplicate_names():
                           config_cls=NoHP, compute=lambda i, h: None)
 
 
-def test_roles_agree_with_the_data_contract():
+def test_roles_are_defined_once():
     from redi_megatron.data import batch
 
     assert (registry.ROLE_SFT, registry.ROLE_CHOSEN, registry.ROLE_REJECTED) == (
         batch.ROLE_SFT, batch.ROLE_CHOSEN, batch.ROLE_REJECTED)
+
+
+def test_a_mixed_objective_gets_sequence_logps_with_a_token_normaliser():
+    """``needs_sequence_logps`` is its own field: a per-token loss can add a per-sequence term."""
+    from dataclasses import dataclass
+
+    from loss_references import make_logits, make_microbatch, ref_sequence_logps, ref_token_logps
+
+    from redi_megatron.parallel.loss_scaling import make_loss_func
+    from redi_megatron.parallel.state import ParallelGroups
+
+    @dataclass
+    class Mixed:
+        weight: float = 0.5
+
+    def compute(inputs, hp):  # token NLL + weight * (mean per-sequence NLL per token) of each sequence
+        assert inputs.seq_logps is not None
+        return -inputs.token_logps.sum() - hp.weight * (inputs.seq_logps / inputs.seq_lengths).sum(), {}
+
+    spec = registry.LossSpec(name="_test_mixed", normalizer="tokens", needs_pairs_together=False,
+                             needs_reference=False, needs_sequence_logps=True, config_cls=Mixed,
+                             compute=compute, roles=(registry.ROLE_SFT,))
+    mb = make_microbatch(3, "sft", "packed")
+    logits = make_logits(3, mb, torch.float32)
+    loss, norm, _ = make_loss_func(spec, Mixed(), mb, ParallelGroups(None, None, None, None, None))(logits)
+    tok = ref_token_logps(logits, mb.labels) * mb.loss_mask
+    seq = torch.stack(ref_sequence_logps(tok, mb))
+    assert int(norm) == int(mb.loss_mask.sum())  # still a per-token normaliser
+    torch.testing.assert_close(loss, -tok.sum() - 0.5 * (seq / mb.num_loss_tokens).sum())
+    with pytest.raises(ValueError, match="needs_sequence_logps"):
+        registry.LossSpec(name="x", normalizer="pairs", needs_pairs_together=True, needs_reference=True,
+                          config_cls=Mixed, compute=compute)
+
+
+@pytest.mark.parametrize("name", ["dpo", "simpo"])
+def test_sft_anchor_adds_the_chosen_length_normalised_nll(name):
+    from loss_references import make_logits, make_microbatch, ref_pairs, ref_sequence_logps, ref_token_logps
+
+    from redi_megatron.parallel.loss_scaling import make_loss_func
+    from redi_megatron.parallel.state import ParallelGroups
+
+    spec = get_loss(name)
+    mb = make_microbatch(4, "pairs", "packed", with_ref=name == "dpo")
+    logits = make_logits(4, mb, torch.float32)
+    single = ParallelGroups(None, None, None, None, None)
+    plain, n, _ = make_loss_func(spec, spec.make_hparams({}), mb, single)(logits)
+    anchored, _, metrics = make_loss_func(spec, spec.make_hparams({"sft_weight": 0.3}), mb, single)(logits)
+    seq = ref_sequence_logps(ref_token_logps(logits, mb.labels) * mb.loss_mask, mb)
+    nll = sum(-seq[c] / mb.num_loss_tokens[c] for c, _ in ref_pairs(mb))
+    torch.testing.assert_close(anchored, plain + 0.3 * nll)
+    assert int(n) == 2 and torch.isclose(metrics["sft_nll"][0], nll)
+    with pytest.raises(ValueError, match="sft_weight"):
+        spec.make_hparams({"sft_weight": -1.0})

@@ -1,6 +1,8 @@
 """Shared pieces of the pair losses: input checks, per-pair metrics and their step summaries."""
 from __future__ import annotations
 
+import math
+
 from typing import Callable, Optional
 
 import torch
@@ -75,14 +77,34 @@ def gather_pairs(inputs: LossInputs, values: torch.Tensor) -> tuple[torch.Tensor
     return values[inputs.chosen_index], values[inputs.rejected_index]
 
 
-def compute_pair_loss(inputs: LossInputs, loss_fn: Callable[..., tuple[torch.Tensor, dict]],
+def compute_pair_loss(inputs: LossInputs, loss_fn: Callable[..., tuple[torch.Tensor, dict]], *,
+                      with_reference: bool = False, sft_weight: float = 0.0,
                       **kwargs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Registry adapter for a loss that couples both sides of a pair: sum of per-pair losses + summaries."""
+    """The registry adapter of every loss that couples both sides of a pair (DPO, SimPO).
+
+    ``loss_fn(chosen, rejected, [ref_chosen, ref_rejected,] chosen_lengths=, rejected_lengths=, ...)``
+    returns per-pair losses ``[P]`` and per-pair metrics. ``sft_weight`` adds the chosen trace's
+    length-normalised NLL, ``-sft_weight * logp(y_w)/|y_w|``, to each pair (an SFT anchor, as in RPO or
+    NeMo-RL's ``sft_loss_weight``; still averaged over pairs). Returns the sum over pairs and summaries.
+    """
     assert inputs.seq_logps is not None, "pair losses need whole-sequence log-probs"
     chosen, rejected = gather_pairs(inputs, inputs.seq_logps)
     len_c, len_r = gather_pairs(inputs, inputs.seq_lengths)
-    losses, per_pair = loss_fn(chosen, rejected, chosen_lengths=len_c, rejected_lengths=len_r,
+    refs = ()
+    if with_reference:
+        assert inputs.ref_logps is not None, "this loss needs reference log-probs"
+        refs = gather_pairs(inputs, inputs.ref_logps)
+    losses, per_pair = loss_fn(chosen, rejected, *refs, chosen_lengths=len_c, rejected_lengths=len_r,
                                validate=False, **kwargs)
+    if sft_weight:
+        nll = -chosen / len_c
+        losses = losses + sft_weight * nll
+        per_pair["sft_nll"] = nll.detach()
     metrics = summarize(per_pair)
     metrics["num_pairs"] = torch.full((), float(losses.numel()), device=losses.device)
     return losses.sum(), metrics
+
+
+def check_sft_weight(loss: str, sft_weight: float) -> None:
+    if not (math.isfinite(sft_weight) and sft_weight >= 0):
+        raise ValueError(f"{loss}: sft_weight must be finite and >= 0, got {sft_weight}")

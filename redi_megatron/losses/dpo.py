@@ -15,17 +15,20 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from redi_megatron.losses.common import check_lengths, check_pair_tensors, gather_pairs, pair_metrics, summarize
+from redi_megatron.losses.common import check_lengths, check_pair_tensors, check_sft_weight, compute_pair_loss, pair_metrics
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
 
 
 @dataclass(frozen=True)
 class DPOConfig:
-    """``beta`` scales the implicit reward ``logp - ref``."""
+    """``beta`` scales the implicit reward ``logp - ref``; ``sft_weight`` adds ``-logp(y_w)/|y_w|`` per pair
+    (an SFT anchor on the chosen trace; 0 = plain DPO, the paper's baseline)."""
 
     beta: float = 0.1
+    sft_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        check_sft_weight("dpo", self.sft_weight)
         if not (math.isfinite(self.beta) and self.beta > 0):
             raise ValueError(f"dpo: beta must be finite and > 0, got {self.beta}")
 
@@ -41,7 +44,7 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
     Returns ``(losses [P], metrics)``: the common pair metrics plus ``reward_chosen``/``reward_rejected``
     (``beta * (logp - ref)``), ``reward_margin`` and ``reward_accuracy``, all detached ``[P]``.
     """
-    DPOConfig(beta)
+    DPOConfig(beta)  # validates beta
     check_pair_tensors("dpo_loss", chosen_logps=chosen_logps, rejected_logps=rejected_logps,
                        ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps,
                        chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
@@ -58,18 +61,11 @@ def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chose
 
 
 def _compute(inputs: LossInputs, hp: DPOConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    assert inputs.seq_logps is not None and inputs.ref_logps is not None, "DPO needs policy and reference logps"
-    chosen, rejected = gather_pairs(inputs, inputs.seq_logps)
-    ref_c, ref_r = gather_pairs(inputs, inputs.ref_logps)
-    len_c, len_r = gather_pairs(inputs, inputs.seq_lengths)
-    losses, per_pair = dpo_loss(chosen, rejected, ref_c, ref_r, len_c, len_r, beta=hp.beta, validate=False)
-    metrics = summarize(per_pair)
-    metrics["num_pairs"] = torch.full((), float(losses.numel()), device=losses.device)
-    return losses.sum(), metrics
+    return compute_pair_loss(inputs, dpo_loss, with_reference=True, sft_weight=hp.sft_weight, beta=hp.beta)
 
 
 DPO = register_loss(LossSpec(
     name="dpo", normalizer="pairs", needs_pairs_together=True, needs_reference=True,
-    config_cls=DPOConfig, compute=_compute,
+    needs_sequence_logps=True, config_cls=DPOConfig, compute=_compute,
     description="DPO with offline (precomputed) reference log-probs, mean over pairs",
 ))

@@ -102,6 +102,6 @@ def _compute(inputs: LossInputs, hp: RediConfig) -> tuple[torch.Tensor, dict[str
 
 REDI = register_loss(LossSpec(
     name="redi", normalizer="pairs", needs_pairs_together=False, needs_reference=False,
-    config_cls=RediConfig, compute=_compute,
+    needs_sequence_logps=True, config_cls=RediConfig, compute=_compute,
     description="REDI: -chosen_coef*logp_w/|y_w| + alpha*w*logp_l/|y_l|, mean over pairs, no reference",
 ))

@@ -66,6 +66,9 @@ class LossSpec:
     needs_pairs_together: the loss couples a pair's two sequences (DPO, SimPO), so the batch layout must
         keep them in one microbatch. REDI and SFT are separable per sequence.
     needs_reference: the microbatch must carry ``ref_logps`` (offline reference log-probs).
+    needs_sequence_logps: the loss reads ``LossInputs.seq_logps`` (whole-sequence log-probs, which cost
+        an all-reduce over context parallelism); independent of the normaliser, so a loss may mix a
+        per-token and a per-sequence term.
     roles: the sequence roles the loss accepts; any other role in a microbatch is a data-layout error.
     """
 
@@ -75,6 +78,7 @@ class LossSpec:
     needs_reference: bool
     config_cls: type
     compute: ComputeFn
+    needs_sequence_logps: bool = False
     roles: tuple[int, ...] = (ROLE_CHOSEN, ROLE_REJECTED)
     description: str = ""
 
@@ -82,12 +86,15 @@ class LossSpec:
         if self.normalizer not in NORMALIZERS:
             raise ValueError(f"loss {self.name!r}: normalizer must be one of {NORMALIZERS}, "
                              f"got {self.normalizer!r}")
+        if self.needs_reference and not self.needs_sequence_logps:
+            raise ValueError(f"loss {self.name!r}: reference log-probs are per sequence, so "
+                             "needs_sequence_logps must be True")
         if not dataclasses.is_dataclass(self.config_cls):
             raise ValueError(f"loss {self.name!r}: config_cls must be a dataclass")
 
     @property
-    def per_sequence(self) -> bool:
-        """Whether the loss needs whole-sequence log-probs (reduced over context parallelism)."""
+    def per_pair(self) -> bool:
+        """Averaged over preference pairs (counted once each, by their chosen sequence)."""
         return self.normalizer == "pairs"
 
     def make_hparams(self, values: Optional[Mapping[str, Any]] = None) -> Any:

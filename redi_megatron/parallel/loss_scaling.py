@@ -145,7 +145,7 @@ def _check_sequence_fields(mb: Any, roles, lengths, loss_mask, seq_ids, roles_al
                          f"{_sample_list(mb, counted != lengths.float())}")
 
 
-def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[int, ...]], per_sequence: bool,
+def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[int, ...]], per_pair: bool,
              together: bool, needs_reference: bool, loss_name: str) -> _Prepared:
     labels, loss_mask, seq_ids = _field(mb, "labels"), _field(mb, "loss_mask"), _field(mb, "seq_ids")
     roles, pair_ids = _field(mb, "roles").long(), _field(mb, "pair_ids").long()
@@ -160,7 +160,7 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
     if needs_reference and ref.shape != roles.shape:
         raise ValueError(f"microbatch: ref_logps must be [N]={n}, got {tuple(ref.shape)}")
     no_pairs = (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
-    chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_sequence else no_pairs
+    chosen_idx, rejected_idx = _pair_indices(mb, roles, pair_ids, together) if per_pair else no_pairs
     cp_size = ParallelGroups.size(groups.cp)
     cu = _field(mb, "cu_seqlens_padded", required=cp_size > 1)
     if cp_size > 1:
@@ -203,7 +203,7 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     if not isinstance(hparams, spec.config_cls):
         raise ValueError(f"loss {spec.name!r}: hparams must be a {spec.config_cls.__name__}, "
                          f"got {type(hparams).__name__}")
-    p = _prepare(microbatch, groups, roles_allowed=spec.roles, per_sequence=spec.per_sequence,
+    p = _prepare(microbatch, groups, roles_allowed=spec.roles, per_pair=spec.per_pair,
                  together=spec.needs_pairs_together, needs_reference=spec.needs_reference, loss_name=spec.name)
     if vocab_size is not None and bool(((p.labels < 0) | (p.labels >= vocab_size)).any()):
         raise ValueError(f"microbatch: labels outside the vocabulary [0, {vocab_size})")
@@ -212,18 +212,19 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         dev = logits.device
         tok = _token_logps(p, logits, groups, chunk_size, inplace_backward, vocab_size)
-        seq = sequence_sums_over_cp(tok, p.seq_ids.to(dev), p.num_sequences, groups.cp) if spec.per_sequence else None
+        seq = (sequence_sums_over_cp(tok, p.seq_ids.to(dev), p.num_sequences, groups.cp)
+               if spec.needs_sequence_logps else None)
         inputs = LossInputs(token_logps=tok, loss_mask=p.loss_mask.to(dev), seq_logps=seq,
                             seq_lengths=p.seq_lengths.to(dev), roles=p.roles.to(dev),
                             chosen_index=p.chosen_index.to(dev), rejected_index=p.rejected_index.to(dev),
                             ref_logps=None if p.ref_logps is None else p.ref_logps.to(dev))
         loss_sum, metrics = spec.compute(inputs, hparams)
-        if spec.per_sequence:
+        if spec.per_pair:
             normaliser = p.num_chosen.to(dev) if first_cp_rank else torch.zeros((), dtype=torch.int32, device=dev)
         else:
             normaliser = p.loss_mask.sum().to(device=dev, dtype=torch.int32)
         metrics["loss"] = torch.stack([loss_sum.detach().float(), normaliser.float()])
-        if spec.per_sequence and not first_cp_rank:
+        if spec.per_pair and not first_cp_rank:
             # Every CP rank holds the same pair metrics; only CP rank 0's are counted.
             metrics = {k: torch.zeros_like(v) for k, v in metrics.items()}
         return loss_sum, normaliser, metrics
@@ -238,7 +239,7 @@ def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
     Returns ``(0, 0, {"seq_logps": [N], "sample_ids": [N]})``; ``seq_logps`` is reduced over CP, so any
     CP rank's copy is complete (take CP rank 0's).
     """
-    p = _prepare(microbatch, groups, roles_allowed=None, per_sequence=False, together=False,
+    p = _prepare(microbatch, groups, roles_allowed=None, per_pair=False, together=False,
                  needs_reference=False, loss_name="reference log-probs")
     sample_ids = getattr(microbatch, "sample_ids", None)
 
