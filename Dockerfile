@@ -24,7 +24,7 @@
 #   FROM vllm/vllm-openai:<tag>
 #   COPY . /workspace/redi-megatron
 #   RUN pip install --no-deps -e /workspace/redi-megatron \
-#    && pip install "math-verify==0.9.0" sympy pylatexenc datasets omegaconf matplotlib
+#    && pip install "math-verify==0.9.0" sympy pylatexenc datasets matplotlib
 # (or a venv with `pip install vllm` next to this one) and pass it to examples/slurm/pipeline.sh as
 # EVAL_IMAGE. redi-eval's HF backend works in this image, but is far slower for 30k-token samples.
 ARG NGC_PYTORCH_TAG=25.11-py3
@@ -60,7 +60,7 @@ EOF
 # 3. The pure-python dependencies of setup.py (pip skips those already present). psutil: needed by
 #    dist_checkpointing's async save but not declared by megatron-core.
 RUN pip install -c /etc/redi-keep.txt \
-        packaging psutil "transformers>=4.45" "datasets>=3.0" safetensors "omegaconf>=2.3" pyyaml tqdm \
+        packaging psutil "transformers>=4.45" "datasets>=3.0" safetensors pyyaml tqdm \
         "math-verify==0.9.0" sympy pylatexenc matplotlib tensorboard
 
 # 4. This package, without dependencies (they are all there now).

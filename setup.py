@@ -18,7 +18,6 @@ INSTALL_REQUIRES = [
     "transformers>=4.45",
     "datasets>=3.0",
     "safetensors",
-    "omegaconf>=2.3",
     "pyyaml",
     "tqdm",
     "math-verify==0.9.0",
