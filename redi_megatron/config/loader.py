@@ -33,20 +33,8 @@ from typing import Any, Iterable, Literal, Mapping, Sequence, Union
 import yaml
 
 from redi_megatron.config.schema import RunConfig
-from redi_megatron.models.config import FAMILIES
 
 DEFAULTS_KEY = "defaults"
-
-# Fields whose schema type is a plain ``str``/``Optional[str]`` but only takes these values. (A
-# ``Literal[...]`` annotation in schema.py is checked by the type rules and needs no entry here.)
-CHOICES: dict[str, tuple] = {
-    "model.family": FAMILIES,
-    "train.dtype": ("bf16", "fp32"),
-    "train.fp8": (None, "delayed", "current"),
-    "train.recompute": (None, "selective", "full"),
-    "optimizer.decay": ("linear", "cosine", "constant"),
-    "logging.collapse.action": ("off", "warn", "stop"),
-}
 
 _OVERRIDE_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*(\.[A-Za-z_][A-Za-z0-9_\-]*)*$")
 
@@ -134,6 +122,10 @@ def _type_name(tp: Any) -> str:
         return "null"
     if isinstance(tp, type):
         return tp.__name__
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
     return str(tp).replace("typing.", "")
 
 
@@ -217,12 +209,6 @@ def _check_sequence(value: Any, tp: Any, where: str, source: str) -> Any:
     return tuple(items) if is_tuple else items
 
 
-def _check_choice(path: str, value: Any, source: str) -> None:
-    if path in CHOICES and value not in CHOICES[path]:
-        allowed = ", ".join("null" if c is None else str(c) for c in CHOICES[path])
-        raise ValueError(f"{source}: '{path}' must be one of {allowed}; got {value!r}")
-
-
 def _check_section(data: Mapping, cls: type, prefix: str, source: str) -> dict:
     """A (possibly partial) mapping for dataclass ``cls`` with every key known and every value checked."""
     hints = _hints(cls)
@@ -231,7 +217,6 @@ def _check_section(data: Mapping, cls: type, prefix: str, source: str) -> dict:
         if not isinstance(key, str) or key not in hints:
             raise _unknown_key(key, cls, prefix, source)
         out[key] = _check(value, hints[key], prefix + key, source)
-        _check_choice(prefix + key, out[key], source)
     return out
 
 
@@ -340,7 +325,6 @@ def _set_path(tree: dict, key: str, value: Any, source: str) -> None:
         last = i == len(parts) - 1
         if last:
             checked = _check(value, tp, key, source)
-            _check_choice(key, checked, source)
             # A whole section given as a mapping updates that section's keys, like a recipe does.
             node[part] = _merge(node[part], checked, tp) if dataclasses.is_dataclass(tp) else checked
             return
@@ -426,4 +410,4 @@ def save_resolved(cfg: RunConfig, path: str) -> str:
 
 
 __all__ = ["load_config", "apply_overrides", "parse_override", "from_dict", "to_dict", "dump_yaml",
-           "save_resolved", "CHOICES", "DEFAULTS_KEY"]
+           "save_resolved", "DEFAULTS_KEY"]

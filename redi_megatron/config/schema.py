@@ -3,7 +3,7 @@ fill them (``redi_megatron.config.loader``). Every default lives here and only h
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from redi_megatron.models.config import ModelConfig, ParallelConfig
 
@@ -36,7 +36,7 @@ class OptimizerConfig:
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
     warmup_ratio: float = 0.1
-    decay: str = "linear"                # linear | cosine | constant
+    decay: Literal["linear", "cosine", "constant"] = "linear"
     use_distributed_optimizer: bool = True
 
 
@@ -45,9 +45,9 @@ class TrainConfig:
     epochs: float = 1.0
     max_steps: Optional[int] = None      # stop earlier than the epochs would
     seed: int = 1234                     # model init, dropout
-    dtype: str = "bf16"                  # bf16 | fp32
-    fp8: Optional[str] = None            # None | delayed | current (needs Transformer Engine)
-    recompute: Optional[str] = None      # None | selective | full
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    fp8: Optional[Literal["delayed", "current"]] = None  # needs Transformer Engine
+    recompute: Optional[Literal["selective", "full"]] = None
 
 
 @dataclass
@@ -61,7 +61,7 @@ class CheckpointConfig:
 
 @dataclass
 class CollapseConfig:
-    action: str = "warn"                 # off | warn | stop
+    action: Literal["off", "warn", "stop"] = "warn"
     window: int = 20                     # steps of history the signals compare against
     logp_drop: float = 0.5               # nats/token drop of BOTH chosen and rejected mean log-probs
     update_norm_spike: float = 5.0       # grad norm above this multiple of its running median

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
     import torch
 
-FAMILIES = ("qwen2", "llama")
+Family = Literal["qwen2", "llama"]
+FAMILIES = get_args(Family)
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # train.fp8 -> Megatron's fp8_recipe
 
 
@@ -15,7 +16,7 @@ FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # train.fp8 -> Me
 class ModelConfig:
     """Architecture of a decoder-only model (Qwen2 or Llama family). Defaults: a tiny CPU test model."""
 
-    family: str = "qwen2"
+    family: Family = "qwen2"
     num_layers: int = 2
     hidden_size: int = 64
     ffn_hidden_size: int = 128
