@@ -140,7 +140,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
         raise ValueError(f"running at TP{tp_size}/PP{pp_size}: convert for --tp {tp} --pp {pp} with "
                          f"tp*pp ranks or with one")
     plan = plan or plan_conversion(hf_dir, tp=tp, pp=pp, overrides=overrides, dtype=dtype)
-    check_output_dir(out_dir, overwrite)  # fail before the expensive part
+    check_output_dir(out_dir, overwrite, inputs=[hf_dir])  # fail before the expensive part
     chunks = build_model_chunks(plan.model_cfg, ParallelConfig(tp=tp_size, pp=pp_size), dtype=plan.dtype)
     is_first = all(ParallelGroups.rank(x) == 0 for x in (g.tp, g.pp, g.dp, g.cp))
     try:
@@ -176,7 +176,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         overrides = parse_overrides(args.override)
         # Everything that can be checked without weights is checked before any process group exists.
         plan = plan_conversion(args.hf, tp=args.tp, pp=args.pp, overrides=overrides, dtype=args.dtype)
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, inputs=[args.hf])
         with parallel_context(args.tp, args.pp):
             out = convert_hf_to_megatron(args.hf, args.out, tp=args.tp, pp=args.pp, overrides=overrides,
                                          overwrite=args.overwrite, progress=not args.no_progress,

@@ -23,9 +23,10 @@ from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
 from checkpoint_tools.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
 from checkpoint_tools.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
 from redi_megatron.models.checkpoint import (TOKENIZER_SUBDIR, check_output_dir, dtype_from_name,
-                                             load_model_checkpoint, prepare_partial_dir, publish_dir,
-                                             read_meta, read_model_config, tokenizer_files)
+                                             load_model_checkpoint, read_meta, read_model_config,
+                                             tokenizer_files)
 from redi_megatron.models.config import ModelConfig, ParallelConfig
+from redi_megatron.outputs import discard, publish, staging_dir
 
 
 def _side_file(ckpt: Path, name: str) -> Optional[dict[str, Any]]:
@@ -60,19 +61,23 @@ def load_megatron_model(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = Non
 
 @torch.no_grad()
 def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
-                          max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True
-                          ) -> Path:
-    """Write the HF directory for a checkpoint. Needs a single-rank Megatron parallel state."""
+                          max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True,
+                          allow_nonfinite: bool = False) -> Path:
+    """Write the HF directory for a checkpoint. Needs a single-rank Megatron parallel state.
+
+    Refuses weights holding NaN or inf (a diverged run) unless ``allow_nonfinite``."""
     from tqdm import tqdm
 
     ckpt = Path(megatron_dir)
     family = family_for_config(read_model_config(ckpt))  # fail early on a family with no table
-    out = check_output_dir(out_dir, overwrite)
+    out = check_output_dir(out_dir, overwrite, inputs=[ckpt])
     max_bytes = parse_size(max_shard_size)
     model, cfg, meta = load_megatron_model(ckpt)
+    if not allow_nonfinite:
+        check_finite_weights(model, ckpt)
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else dtype_from_name(meta["dtype"])
     plan = [(name, shape, out_dtype) for name, shape in expected_hf_tensors(family, cfg).items()]
-    tmp = prepare_partial_dir(out)
+    tmp = staging_dir(out)
     writer = StreamingSafetensorsWriter(tmp, plan, max_bytes)
     try:
         params = {name: p.detach() for name, p in model.named_parameters()}  # TP1/PP1: full names
@@ -86,12 +91,20 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for f in tokenizer_files(ckpt / TOKENIZER_SUBDIR):
             shutil.copy2(f, tmp / f.name)
-        publish_dir(tmp, out)
+        publish(tmp, out)
     except BaseException:
         writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+        discard(tmp)
         raise
     return out
+
+
+def check_finite_weights(model: torch.nn.Module, where: str | Path) -> None:
+    """ValueError naming the first parameters with NaN or inf values."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise ValueError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}): the "
+                         "run diverged; export an earlier checkpoint, or pass --allow-nonfinite to export anyway")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -101,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="export even if weights hold NaN/inf (by default that is refused: a diverged run)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -112,14 +127,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     def body() -> int:
         read_meta(args.megatron)
         family_for_config(read_model_config(args.megatron))
-        check_output_dir(args.out, args.overwrite)
+        check_output_dir(args.out, args.overwrite, inputs=[args.megatron])
         if args.dtype:
             dtype_from_name(args.dtype, "--dtype")
         parse_size(args.max_shard_size)
         with parallel_context():
             out = export_megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                        progress=not args.no_progress)
+                                        progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
         print(f"wrote {out}")
         return 0
 

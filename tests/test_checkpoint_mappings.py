@@ -14,8 +14,8 @@ from checkpoint_tools.hf_to_megatron import main as hf_to_megatron_main
 from checkpoint_tools.hf_to_megatron import plan_conversion
 from checkpoint_tools.mappings import (LLAMA, QWEN2, Direct, FusedGateUp, FusedQKV, bind_layer,
                                        expected_hf_tensors, full_state_dict_to_hf, megatron_index)
-from redi_megatron.models.checkpoint import (check_output_dir, model_config_from_dict, partial_dir,
-                                             prepare_partial_dir, publish_dir)
+from redi_megatron.models.checkpoint import check_output_dir, model_config_from_dict
+from redi_megatron.outputs import MARKER, publish, staging_dir, staging_path
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.models.sharding import shard
 
@@ -262,7 +262,25 @@ def test_cli_refuses_existing_output_and_leaves_it_alone(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert hf_to_megatron_main(["--hf", str(hf), "--out", str(tmp_path / "new"), "--tp", "3"]) == 2
-    assert not (tmp_path / "new").exists() and not partial_dir(tmp_path / "new").exists()
+    assert not (tmp_path / "new").exists() and not staging_path(tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "parent", "inside"])
+def test_cli_refuses_an_output_overlapping_its_input_even_with_overwrite(tmp_path, capsys, where):
+    hf = _hf_dir(tmp_path / "m")
+    before = sorted((p.name, p.stat().st_size) for p in hf.iterdir())
+    out = {"same": hf, "parent": tmp_path, "inside": hf / "converted"}[where]
+    assert hf_to_megatron_main(["--hf", str(hf), "--out", str(out), "--overwrite"]) == 2
+    assert "overlaps the input" in capsys.readouterr().err
+    assert sorted((p.name, p.stat().st_size) for p in hf.iterdir()) == before  # the source is intact
+
+
+def test_output_under_a_file_or_unwritable_is_refused_before_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_dir(tmp_path / "file" / "out", overwrite=False)
+    with pytest.raises(ValueError, match="not a directory"):
+        check_output_dir(tmp_path / "file", overwrite=True)
 
 
 def test_atomic_publish_replaces_only_when_complete(tmp_path):
@@ -270,9 +288,21 @@ def test_atomic_publish_replaces_only_when_complete(tmp_path):
     with pytest.raises(ValueError, match="already exists"):
         out.mkdir() or check_output_dir(out, overwrite=False)
     (out / "old.txt").write_text("old")
-    tmp = prepare_partial_dir(out)
+    tmp = staging_dir(out)
     (tmp / "new.txt").write_text("new")
     assert (out / "old.txt").exists()  # untouched until publish
-    publish_dir(tmp, out)
+    publish(tmp, out)
     assert [p.name for p in out.iterdir()] == ["new.txt"] and not tmp.exists()
     assert not list(tmp_path.glob(".ckpt.*"))
+
+
+def test_leftovers_not_made_by_the_tools_are_never_deleted(tmp_path):
+    out = tmp_path / "ckpt"
+    mine = staging_path(out)
+    mine.mkdir()
+    (mine / "precious.txt").write_text("a user's file that happens to sit there")
+    with pytest.raises(ValueError, match="not made by redi-megatron"):
+        staging_dir(out)
+    assert (mine / "precious.txt").exists()
+    (mine / MARKER).write_text("")  # one of ours, from a crashed run: replaced
+    assert not list(staging_dir(out).glob("precious.txt"))

@@ -341,3 +341,28 @@ def test_load_mismatch_failed_save_and_extra_state(hf_models, tmp_path_factory, 
     assert found["left"] == ["tok"]  # no "failed", no ".failed.partial"
     assert torch.equal(found["extra"], torch.arange(4.0))
     assert found["meta"]["step"] == 7 and found["meta"]["extra_sharded"] == ["step_state"]
+
+
+def _poison_and_export(ckpt: str, poisoned: str, out: str, extra: list[str]) -> int:
+    """Save a copy of ``ckpt`` with one NaN weight, then export it."""
+    from redi_megatron.models.builder import build_gpt_model
+    from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config, save_model_checkpoint
+    from redi_megatron.models.config import ParallelConfig
+
+    cfg = read_model_config(ckpt)
+    model = build_gpt_model(cfg, ParallelConfig())
+    load_model_checkpoint([model], ckpt)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    save_model_checkpoint([model], cfg, poisoned, tokenizer_dir=Path(ckpt) / "tokenizer")
+    return _export(poisoned, out, extra)
+
+
+def test_export_refuses_nonfinite_weights_unless_forced(hf_models, tmp_path_factory, tokens, tmp_path, capsys):
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp1")
+    args = (str(ckpt), str(tmp_path / "nan_ckpt"), str(tmp_path / "hf"), [])
+    assert run_distributed(_poison_and_export, 1, args=args)[0] == 2
+    assert not (tmp_path / "hf").exists()
+    forced = run_distributed(_export, 1, args=(str(tmp_path / "nan_ckpt"), str(tmp_path / "hf"),
+                                               ["--allow-nonfinite"]))[0]
+    assert forced == 0 and (tmp_path / "hf" / "config.json").is_file()

@@ -28,6 +28,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.outputs import check_output, discard, publish, staging_dir, staging_path
 from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
 
 FORMAT_NAME = "redi-megatron-model"
@@ -253,43 +254,10 @@ def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict
 # Saving
 # ---------------------------------------------------------------------------------------------------
 
-def partial_dir(out_dir: str | Path) -> Path:
-    """Where a checkpoint is assembled before being renamed to ``out_dir``."""
-    out = Path(out_dir)
-    return out.parent / f".{out.name}.partial"
-
-
-def check_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    out = Path(out_dir)
-    if out.exists() and not overwrite:
-        raise ValueError(f"output directory {out} already exists; remove it or pass overwrite=True "
-                         f"(--overwrite)")
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output path {out} exists and is not a directory")
-    return out
-
-
-def prepare_partial_dir(out_dir: str | Path) -> Path:
-    """Create an empty ``.<name>.partial`` next to ``out_dir`` (a stale one from a crash is removed)."""
-    tmp = partial_dir(out_dir)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def publish_dir(tmp: Path, out_dir: str | Path) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is replaced only afterwards."""
-    out = Path(out_dir)
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        if old.exists():
-            shutil.rmtree(old)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(out)
+def check_output_dir(out_dir: str | Path, overwrite: bool, inputs: Sequence[Optional[str | Path]] = ()) -> Path:
+    """``redi_megatron.outputs.check_output``: refused if it exists (unless ``overwrite``) or overlaps
+    an input; validated before anything is written."""
+    return check_output(out_dir, inputs, overwrite=overwrite)
 
 
 def _meta(chunks: Sequence[torch.nn.Module], model_cfg: ModelConfig,
@@ -345,11 +313,11 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
     meta = _meta(chunks, model_cfg, extra_meta, list(extra))
     json.dumps(meta)  # fail before writing anything if extra_meta is not JSON-serialisable
     coordinator = is_global_rank_zero()
-    tmp = partial_dir(out)
+    tmp = staging_path(out)
     if coordinator:
         # dist_checkpointing.save requires the directory to exist on rank 0; the other ranks only
         # write into it after the save's first collective, which rank 0 joins after this.
-        prepare_partial_dir(out)
+        staging_dir(out)
         for name in [MODEL_SUBDIR, *extra]:
             (tmp / name).mkdir()
     try:
@@ -358,15 +326,15 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
             dist_checkpointing.save(sharded, str(tmp / name))
     except BaseException:
         if coordinator:
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
         raise
     failure: Optional[BaseException] = None
     if coordinator:
         try:
             _write_side_files(tmp, model_cfg, tok_files, meta)
-            publish_dir(tmp, out)
+            publish(tmp, out)
         except BaseException as e:  # noqa: BLE001 - reported to every rank below, then re-raised
-            shutil.rmtree(tmp, ignore_errors=True)
+            discard(tmp)
             failure = e
     # Every rank returns only once the directory is in place (or learns that it is not).
     status = broadcast_object(None if failure is None else f"{type(failure).__name__}: {failure}")
