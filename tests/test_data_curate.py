@@ -167,8 +167,10 @@ def test_strict_and_empty_are_errors(tmp_path, tok, fixture_rows):
         curate(CurationConfig(input=invalid, output=str(tmp_path / "o2"), tokenizer="", num_proc=1,
                               progress=False), tokenizer=tok)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()  # failed runs leave nothing
-    with pytest.raises(ValueError, match="exists"):
-        curate(CurationConfig(input=path, output=str(tmp_path), tokenizer="", num_proc=1), tokenizer=tok)
+    (tmp_path / "existing").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        curate(CurationConfig(input=path, output=str(tmp_path / "existing"), tokenizer="", num_proc=1),
+               tokenizer=tok)
 
 
 def test_other_schemas(tmp_path, tok):
@@ -211,3 +213,25 @@ def test_cli_and_authors_length_measure(tmp_path, fixture_rows):
         assert authors[i]["prompt_tokens"] == r["prompt_tokens"] - 2
         assert authors[i]["chosen_tokens"] == r["chosen_tokens"] + 23
     assert main(["--input", str(tmp_path / "missing"), "--output", str(tmp_path / "o"), "--tokenizer", "x"]) == 2
+
+
+def test_overwrite_never_loses_data(tmp_path, fixture_rows, capsys):
+    """The probes of issue 13: an output that contains the input, and --overwrite with a bad tokenizer."""
+    rows, cats = fixture_rows
+    proj = tmp_path / "proj"
+    path = write_jsonl([r for r, c in zip(rows, cats) if c == "pair"][:10], str(proj / "data" / "raw.jsonl"))
+    raw = open(path, "rb").read()
+    base = ["--input", path, "--tokenizer", qwen_tokenizer_dir(), "--num-proc", "1", "--format", "jsonl",
+            "--no-progress"]
+    for out in (proj, proj / "data", tmp_path):  # contains the input (or is its folder's parent)
+        assert main(base + ["--output", str(out), "--overwrite"]) == 2
+        assert "overlaps the input" in capsys.readouterr().err
+        assert open(path, "rb").read() == raw
+    out = tmp_path / "curated"
+    assert main(base + ["--output", str(out)]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    bad_tok = base[:2] + ["--tokenizer", str(tmp_path / "no_tokenizer")] + base[4:]
+    assert main(bad_tok + ["--output", str(out), "--overwrite"]) == 2
+    assert sorted(p.name for p in out.iterdir()) == before  # the old output is untouched
+    assert main(base + ["--output", str(out), "--overwrite"]) == 0  # a good rerun replaces it
+    assert sorted(p.name for p in out.iterdir()) == before and not list(tmp_path.glob(".curated.*"))

@@ -204,3 +204,15 @@ def test_first_divergence_of_two_completions():
     assert first_divergence([5, 6, 7, 8], [5, 6, 9, 8]) == 2
     assert first_divergence([5, 6], [5, 6, 7]) == -1
     assert first_divergence([1], [2]) == 0
+
+
+def test_restart_only_touches_a_demo_directory(tmp_path, capsys):
+    from redi_megatron.demo.cli import main
+
+    user = tmp_path / "project"
+    for name in ("models", "runs", "eval", "logs"):
+        (user / name).mkdir(parents=True)
+        (user / name / "mine.txt").write_text("a user's work")
+    assert main(["--out", str(user), "--restart", "--until", "teacher", "--quick"]) == 2
+    assert "not a redi-demo directory" in capsys.readouterr().err
+    assert all((user / name / "mine.txt").is_file() for name in ("models", "runs", "eval", "logs"))

@@ -24,6 +24,7 @@ ALLOWED = {
     "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval"},
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
+BASE = {"outputs"}  # standard-library-only modules at the package root, usable from every layer
 
 
 def _imports(path: pathlib.Path) -> set[str]:
@@ -59,11 +60,17 @@ def test_layers_import_one_way():
             for mod in mods:
                 if mod.startswith("redi_megatron."):
                     target = mod.split(".")[1]
-                    if target != layer and target not in ALLOWED[layer]:
+                    if target != layer and target not in ALLOWED[layer] and target not in BASE:
                         bad.append(f"{path} imports {mod} ({layer} -> {target})")
                 if mod.startswith("torch.distributed") and layer not in DISTRIBUTED_OK and mod != "torch.distributed.run":
                     bad.append(f"{path} imports {mod}: only parallel/ talks to torch.distributed")
     assert not bad, "\n".join(bad)
+
+
+def test_base_modules_import_nothing_of_the_package():
+    for name in BASE:
+        mods = _imports(ROOT / f"{name}.py")
+        assert not [m for m in mods if m.startswith("redi_megatron")], (name, mods)
 
 
 def test_the_checker_sees_a_violation(tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ Pipeline (defaults are the paper's rules, every one configurable):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
+
+from redi_megatron.outputs import check_output, discard, publish, staging_dir
 
 from .curate_report import Report, write_outputs
 from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, WorkerSpec, init_worker, process_chunk
@@ -140,10 +143,8 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
         exclude_sources=tuple(cfg.exclude_sources),
         require_complete_reasoning=cfg.require_complete_reasoning,
     )
-    if os.path.exists(cfg.output):
-        if not cfg.overwrite:
-            raise ValueError(f"output {cfg.output} exists; pass --overwrite to replace it")
-        shutil.rmtree(cfg.output)
+    # Everything is checked before anything is written; the old output stays until the new one is whole.
+    check_output(cfg.output, [cfg.input, cfg.tokenizer or None], overwrite=cfg.overwrite, flag="--output")
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
     check_tokenizer(tok, cfg.template(), where=str(cfg.tokenizer))
     chunks = plan_chunks(files, cfg.rows_per_chunk)
@@ -153,21 +154,21 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
     spec = WorkerSpec(rules, cfg.template(), cfg.length_measure, os.path.abspath(cfg.input), tok)
     report = Report(cfg, schema, rules.correctness_rule, files, n)
     ranks = shuffle_ranks(n, cfg.shuffle_seed)
-    os.makedirs(cfg.output)
-    tmp = os.path.join(cfg.output, ".tmp")
-    os.makedirs(tmp)
+    stage = staging_dir(cfg.output)
+    scratch = os.path.join(stage, ".scratch")
+    os.makedirs(scratch)
     try:
-        _process_all(cfg, chunks, spec, report, ranks, tmp, n)
+        _process_all(cfg, chunks, spec, report, ranks, scratch, n)
         report.check_not_empty(cfg.outputs)
-        write_outputs(cfg, report, tmp)
+        write_outputs(dataclasses.replace(cfg, output=str(stage)), report, scratch)
+        shutil.rmtree(scratch)
+        result = report.to_dict()
+        with open(os.path.join(stage, "curation_report.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
+        publish(stage, cfg.output)
     except BaseException:
-        shutil.rmtree(cfg.output, ignore_errors=True)  # no half-written output that looks complete
+        discard(stage)  # no half-written output; an earlier complete one is untouched
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    result = report.to_dict()
-    with open(os.path.join(cfg.output, "curation_report.json"), "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2, ensure_ascii=False)
     report.print_summary()
     return result
 

@@ -61,6 +61,13 @@ def _describe(stages: list) -> str:
 
 
 def _restart(out: str) -> None:
+    """Remove what an earlier demo run made in ``out``, and only that: ``out`` must be a demo directory
+    (it holds ``demo_state.json``); anything else in it is left alone."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isfile(os.path.join(out, STATE_FILE)):
+        raise ValueError(f"--restart: {out} is not a redi-demo directory (no {STATE_FILE}); nothing was removed. "
+                         "Pick a new --out, or remove that directory yourself")
     for name in OWNED:
         path = os.path.join(out, name)
         if os.path.isdir(path):
