@@ -222,3 +222,50 @@ def test_bf16_first_step_keeps_the_loaded_weights(data, tmp_path, distributed_op
     for key, value in before.items():
         assert value.dtype == torch.bfloat16
         assert torch.equal(after[key], value), key
+
+
+def _diverge(cfg, nan_steps):
+    """Train with a NaN planted in one gradient at ``nan_steps`` (a fault injection standing for a loss
+    spike); returns the summary and, per checkpoint on disk, whether its weights are finite."""
+    from redi_megatron.training import step as step_module
+    from redi_megatron.training.checkpointing import list_checkpoints
+    from redi_megatron.training.trainer import train
+
+    original, calls = step_module.forward_backward, []
+
+    def planted(c, batch):
+        out = original(c, batch)
+        calls.append(1)
+        if len(calls) in nan_steps:
+            next(c.chunks[0].parameters()).main_grad.view(-1)[0] = float("nan")
+        return out
+
+    step_module.forward_backward = planted
+    out = train(cfg)
+    return out, {s: _checkpoint_is_finite(p) for s, p in list_checkpoints(cfg.checkpoint.save_dir)}
+
+
+def _checkpoint_is_finite(path) -> bool:
+    from redi_megatron.models.builder import build_gpt_model
+    from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config
+    from redi_megatron.models.config import ParallelConfig
+
+    model = build_gpt_model(read_model_config(path), ParallelConfig())
+    load_model_checkpoint([model], path)
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode,nan_steps,stops_at", [("stop", (3,), 3), ("skip", (3, 5, 6), 6)])
+def test_nonfinite_steps_are_never_applied_saved_or_kept(data, tmp_path, mode, nan_steps, stops_at):
+    """Saving every step with keep_last 2 (the probe that used to leave only NaN checkpoints)."""
+    cfg = _cfg(data, tmp_path / mode, train__max_steps=10, checkpoint__save_interval=1, checkpoint__keep_last=2,
+               train__on_nonfinite=mode, train__max_skipped_steps=2)
+    out, finite = run_distributed(_diverge, 1, args=(cfg, nan_steps), timeout=240)[0]
+    flags = [int(h["nonfinite"]) for h in out["history"]]
+    assert out["last_step"] == stops_at and out["nonfinite"], (flags, out["nonfinite"])
+    assert flags == [int(s in nan_steps) for s in range(1, stops_at + 1)]
+    assert all(h["update_skipped"] == h["nonfinite"] for h in out["history"])
+    assert all(math.isfinite(h["loss"]) for h, f in zip(out["history"], flags) if not f)
+    saved = sorted(finite)  # keep_last 2 of the finite steps only
+    assert all(finite.values()) and saved == [s for s in range(1, stops_at) if s not in nan_steps][-2:]
+    assert out["last_checkpoint"].endswith(f"step_{saved[-1]:07d}")

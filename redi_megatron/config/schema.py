@@ -48,6 +48,12 @@ class TrainConfig:
     dtype: Literal["bf16", "fp32"] = "bf16"
     fp8: Optional[Literal["delayed", "current"]] = None  # needs Transformer Engine
     recompute: Optional[Literal["selective", "full"]] = None
+    # A step whose loss or gradient norm is NaN/inf is never applied and never saved. "stop": end the
+    # run (exit status 4), keeping the last finite checkpoint; "skip": drop that step and go on (for
+    # rare spikes, as Megatron's check_for_nan_in_loss_and_grad would), stopping after
+    # max_skipped_steps of them in a row.
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skipped_steps: int = 5
 
 
 @dataclass

@@ -15,6 +15,12 @@ def sum_over(group: Optional[dist.ProcessGroup], *values: float) -> list[float]:
     return t.tolist()
 
 
+def count_over_world(flag: bool) -> int:
+    """How many ranks of the whole job have ``flag`` set (1 or 0 without torch.distributed)."""
+    group = dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
+    return int(sum_over(group, float(flag))[0])
+
+
 def gather_objects(obj: Any, group: Optional[dist.ProcessGroup]) -> list[Any]:
     """Every rank of ``group`` gets the list of all ranks' ``obj`` (picklable), in group-rank order."""
     if group is None or dist.get_world_size(group) == 1:

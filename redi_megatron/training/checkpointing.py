@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from redi_megatron.parallel.collectives import barrier, broadcast_object, is_global_rank_zero
+from redi_megatron.parallel.collectives import barrier, broadcast_object, count_over_world, is_global_rank_zero
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
@@ -59,6 +59,7 @@ def save_training_checkpoint(c, step: int, sampler_state: dict, resolved_cfg: di
     from redi_megatron.models.checkpoint import model_sharded_state_dict, save_model_checkpoint
 
     out = step_dir(c.cfg.checkpoint.save_dir, step)
+    _check_finite(c, step)
     model_sd = model_sharded_state_dict(c.chunks)
     meta = {"trainer": {"step": step, "sampler": sampler_state, "scheduler": c.scheduler.state_dict(),
                         "cpu_rng_state": torch.get_rng_state().tolist(),
@@ -73,6 +74,15 @@ def save_training_checkpoint(c, step: int, sampler_state: dict, resolved_cfg: di
         _prune(c.cfg.checkpoint.save_dir, c.cfg.checkpoint.keep_last)
     barrier()
     return out
+
+
+def _check_finite(c, step: int) -> None:
+    """RuntimeError, on every rank, if any rank's weights hold NaN/inf: such a checkpoint is never written
+    (it would become the newest, the one a rerun resumes from, and pruning would drop the good ones)."""
+    bad = any(not bool(torch.isfinite(p).all()) for chunk in c.chunks for p in chunk.parameters())
+    ranks = count_over_world(bad)
+    if ranks:
+        raise RuntimeError(f"step {step}: weights hold NaN/inf on {ranks} rank(s); no checkpoint written")
 
 
 def _prune(save_dir: str, keep_last: int) -> None:

@@ -34,6 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     finally:
         _teardown()
+    if summary["nonfinite"]:
+        print(f"redi-train: stopped: {summary['nonfinite']}", file=sys.stderr)
+        return 4
     if summary["stopped"]:
         print(f"redi-train: stopped early: {summary['stopped']}", file=sys.stderr)
         return 3

@@ -1,6 +1,7 @@
 """One optimizer step through Megatron's pipeline schedule, and forward-only passes."""
 from __future__ import annotations
 
+import math
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -74,21 +75,30 @@ def forward_backward(c: "Components", batch: StepBatch) -> list[dict]:
 
 
 def train_step(c: "Components", batch: StepBatch) -> dict[str, float]:
-    """:func:`forward_backward` over one global batch, then the optimizer step.
+    """:func:`forward_backward` over one global batch, then the optimizer step, if the step is finite.
 
-    ``c`` is the run's ``Components``; ``batch`` its ``StepBatch``. Returns logged scalars (identical on
-    every rank): the loss per normaliser and the loss's metrics, lr, grad norm, tokens, seconds.
+    ``c`` is the run's ``Components``; ``batch`` its ``StepBatch``. The loss and the gradient norm are
+    reduced first (identical on every rank); when either is NaN/inf the update is not applied (weights,
+    optimizer state and lr schedule stay as they were) and ``nonfinite`` is 1. Returns logged scalars:
+    the loss per normaliser and the loss's metrics, lr, grad norm (before clipping), tokens, seconds.
     """
     start = time.perf_counter()
-    metrics_list = forward_backward(c, batch)
-    ok, grad_norm, _ = c.optimizer.step()
-    c.scheduler.step(increment=1)
-    metrics = reduce_step_metrics(metrics_list, c.groups)
+    metrics = reduce_step_metrics(forward_backward(c, batch), c.groups)
+    # Megatron's bf16/fp32 optimizers clip with whatever norm they get: a NaN norm would poison every
+    # weight. So the norm is computed here first: prepare_grads() moves the reduced gradients into the
+    # optimizer's main gradients (a copy; step() repeats it, which is idempotent without an fp16 loss
+    # scaler), then one extra pass computes the norm that step() will clip with.
+    c.optimizer.prepare_grads()
+    grad_norm = float(c.optimizer.get_grad_norm())
+    finite = math.isfinite(metrics["loss"]) and math.isfinite(grad_norm)
+    ok = False
+    if finite:
+        ok, _, _ = c.optimizer.step()
+        c.scheduler.step(increment=1)
     local_tokens = sum(int((mb.seq_ids >= 0).sum()) for mb in batch.microbatches)
     (tokens,) = sum_over(c.groups.dp, float(local_tokens))
-    metrics.update(lr=c.optimizer.param_groups[0]["lr"], grad_norm=float(grad_norm or 0.0),
-                   update_skipped=float(not ok), tokens=tokens,
-                   step_seconds=time.perf_counter() - start)
+    metrics.update(lr=c.optimizer.param_groups[0]["lr"], grad_norm=grad_norm, update_skipped=float(not ok),
+                   nonfinite=float(not finite), tokens=tokens, step_seconds=time.perf_counter() - start)
     return metrics
 
 

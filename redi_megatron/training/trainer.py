@@ -101,7 +101,8 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
     monitor = CollapseMonitor(cfg.logging.collapse)
     if state and state.get("collapse_monitor"):
         monitor.load_state_dict(state["collapse_monitor"])
-    history, saved_at, stopped = [], None, None
+    history, saved_at, stopped, nonfinite = [], None, None, None
+    skipped_in_a_row = 0
     try:
         for step in range(start + 1, c.total_steps + 1):
             metrics = train_step(c, c.sampler.next_step())
@@ -111,6 +112,15 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
             verdict = monitor.update(step, metrics)
             if verdict.action != "none":
                 logger.message(verdict.message)
+            if metrics["nonfinite"]:
+                skipped_in_a_row += 1
+                nonfinite = _nonfinite_message(cfg, step, metrics, skipped_in_a_row,
+                                               ckpt.latest_checkpoint(cfg.checkpoint.save_dir))
+                logger.message(nonfinite)
+                if cfg.train.on_nonfinite == "stop" or skipped_in_a_row >= cfg.train.max_skipped_steps:
+                    break
+                continue  # skip: the update was not applied and nothing is saved for this step
+            skipped_in_a_row, nonfinite = 0, None
             interval = cfg.checkpoint.save_interval
             if verdict.action == "stop" or step == c.total_steps or (interval and step % interval == 0) \
                     or step == stop_after:
@@ -124,6 +134,19 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
                 break
     finally:
         logger.close()
+    last = ckpt.latest_checkpoint(cfg.checkpoint.save_dir) if saved_at is None else \
+        ckpt.step_dir(cfg.checkpoint.save_dir, saved_at)
     return {"start_step": start, "last_step": start + len(history), "total_steps": c.total_steps,
-            "history": history, "last_checkpoint": None if saved_at is None else
-            str(ckpt.step_dir(cfg.checkpoint.save_dir, saved_at)), "stopped": stopped}
+            "history": history, "last_checkpoint": None if last is None else str(last), "stopped": stopped,
+            "nonfinite": nonfinite if cfg.train.on_nonfinite == "stop" or
+            skipped_in_a_row >= cfg.train.max_skipped_steps else None}
+
+
+def _nonfinite_message(cfg: RunConfig, step: int, metrics: dict, in_a_row: int, last_good: Optional[Any]) -> str:
+    what = f"step {step}: loss {metrics['loss']}, grad norm {metrics['grad_norm']}"
+    if cfg.train.on_nonfinite == "skip" and in_a_row < cfg.train.max_skipped_steps:
+        return (f"{what}: non-finite, update skipped ({in_a_row} in a row; the run stops at "
+                f"train.max_skipped_steps={cfg.train.max_skipped_steps})")
+    kept = f"the last checkpoint, {last_good}, is finite" if last_good else "there is no checkpoint yet"
+    return (f"{what}: non-finite, update not applied; stopping. Nothing of this step was saved and {kept} "
+            "(lower optimizer.lr, or train.on_nonfinite=skip for rare spikes)")
