@@ -1,7 +1,6 @@
 """Hugging Face side of the conversion: config.json <-> ModelConfig, streaming safetensors I/O."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -11,10 +10,10 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from checkpoint_tools.mappings import (CONFIG_FIELDS, OVERRIDABLE, Family, family_for_architecture,
-                                       family_for_config)
+from checkpoint_tools.mappings import CONFIG_FIELDS, OVERRIDABLE, Family, family_for_architecture, family_for_config
 from redi_megatron.models.checkpoint import read_json
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.typed import Checker, hints
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -33,10 +32,14 @@ def _rope(hf_cfg: Any) -> dict[str, Any]:
 
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    """``["rope_theta=300000", ...]`` -> typed ModelConfig values; only shape-neutral fields."""
-    # ModelConfig's annotations are strings (postponed evaluation); the overridable ones are scalars.
-    scalars = {"int": int, "float": float, int: int, float: float}
-    types = {f.name: scalars[f.type] for f in dataclasses.fields(ModelConfig) if f.name in OVERRIDABLE}
+    """``["rope_theta=300000", ...]`` -> typed ModelConfig values; only shape-neutral fields.
+
+    Values are read as YAML scalars and typed by ``redi_megatron.typed`` against ModelConfig, as a
+    config file's would be (``300000`` widens to a float; ``1e6`` is a float; ``32768.0`` is not an int)."""
+    import yaml
+
+    checker = Checker()
+    fields = hints(ModelConfig)
     out: dict[str, Any] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -45,11 +48,16 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         if key not in OVERRIDABLE:
             raise ValueError(f"--override {key}: not an overridable field (allowed: "
                              f"{', '.join(OVERRIDABLE)}; others would change tensor shapes)")
-        kind = types[key]
         try:
-            out[key] = kind(float(value)) if kind is int and float(value).is_integer() else kind(value)
-        except ValueError as e:
-            raise ValueError(f"--override {key}={value!r}: not a valid {kind.__name__}") from e
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        if isinstance(parsed, str):  # YAML 1.1 reads 1e6 as a string; a number was meant
+            try:
+                parsed = float(parsed)
+            except ValueError:
+                pass
+        out[key] = checker.check(parsed, fields[key], key, f"--override {item!r}")
     return out
 
 

@@ -244,8 +244,10 @@ def test_overrides_and_sizes_are_checked():
         {"rope_theta": 1e6, "max_position_embeddings": 32768}
     with pytest.raises(ValueError, match="hidden_size: not an overridable"):
         parse_overrides(["hidden_size=128"])
-    with pytest.raises(ValueError, match="not a valid int"):
+    with pytest.raises(ValueError, match="'max_position_embeddings' must be int, got 'lots'"):
         parse_overrides(["max_position_embeddings=lots"])
+    with pytest.raises(ValueError, match="'norm_eps' must be float, got True"):  # typed like a config file
+        parse_overrides(["norm_eps=true"])
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         parse_overrides(["rope_theta"])
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KB") == 40_000 and parse_size("1GiB") == 2**30

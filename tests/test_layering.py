@@ -24,7 +24,7 @@ ALLOWED = {
     "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval"},
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
-BASE = {"outputs"}  # standard-library-only modules at the package root, usable from every layer
+BASE = {"outputs", "typed"}  # standard-library-only modules at the package root, usable from every layer
 
 
 def _imports(path: pathlib.Path) -> set[str]:

@@ -187,8 +187,13 @@ def test_registry_specs_and_hparams_from_dict():
     assert (simpo.needs_pairs_together, simpo.needs_reference) == (True, False)
     assert redi.make_hparams({"alpha": 1.0}) == RediConfig(alpha=1.0, chosen_coef=1.0, neg_weighting_gamma=0.0)
     assert simpo.make_hparams(None) == SimPOConfig(beta=2.0, gamma=1.0)
-    with pytest.raises(ValueError, match="unknown hyper-parameter.*'alhpa'"):
+    with pytest.raises(ValueError, match="unknown key 'loss.params.alhpa'; did you mean 'loss.params.alpha'"):
         redi.make_hparams({"alhpa": 0.5})
+    # typed like the rest of the config: a bool, a string, null or a list is not a float
+    for bad in (True, "0.8", None, [0.8]):
+        with pytest.raises(ValueError, match="'loss.params.alpha' must be float"):
+            redi.make_hparams({"alpha": bad})
+    assert redi.make_hparams({"alpha": 1}).alpha == 1.0  # an int is a float
     with pytest.raises(ValueError, match="known losses: \\['dpo', 'redi', 'sft', 'simpo'\\]"):
         get_loss("orpo")
 

@@ -26,13 +26,13 @@ import functools
 import os
 import re
 import tempfile
-import types
 import typing
-from typing import Any, Iterable, Literal, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence
 
 import yaml
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.typed import Checker, build, field_names, hints, type_name
 
 DEFAULTS_KEY = "defaults"
 
@@ -71,21 +71,13 @@ def _parse_yaml(text: str, source: str) -> Any:
 
 
 # ----------------------------------------------------------------------------- type checking
-
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _field_names(cls: type) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
-
+# (the rules live in redi_megatron.typed; this module adds the run config's unknown-key hints)
 
 @functools.lru_cache(maxsize=None)
 def _all_paths(cls: type = RunConfig, prefix: str = "") -> tuple[str, ...]:
     """Every dotted field path of the schema (sections and leaves)."""
     out: list[str] = []
-    for name, tp in _hints(cls).items():
+    for name, tp in hints(cls).items():
         path = prefix + name
         out.append(path)
         if dataclasses.is_dataclass(tp):
@@ -101,7 +93,7 @@ REMOVED_KEYS = {
 
 
 def _unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
-    names = _field_names(cls)
+    names = field_names(cls)
     where = f"'{prefix}{key}'"
     if f"{prefix}{key}" in REMOVED_KEYS:
         return ValueError(f"{source}: {where} was removed: {REMOVED_KEYS[f'{prefix}{key}']}")
@@ -109,147 +101,30 @@ def _unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     # The key may exist in another section ("lr" at top level -> "optimizer.lr").
     leaf = str(key).lower()
     elsewhere = [p for p in _all_paths() if p.rsplit(".", 1)[-1].lower() == leaf and p != prefix + str(key)]
-    hints = [prefix + c for c in close] + [p for p in elsewhere if p not in (prefix + c for c in close)]
+    suggestions = [prefix + c for c in close] + [p for p in elsewhere if p not in (prefix + c for c in close)]
     section = f"'{prefix[:-1]}'" if prefix else "the top level"
     msg = f"{source}: unknown key {where}"
-    if hints:
-        msg += f"; did you mean {', '.join(repr(h) for h in hints)}?"
+    if suggestions:
+        msg += f"; did you mean {', '.join(repr(h) for h in suggestions)}?"
     return ValueError(f"{msg} Valid keys in {section}: {', '.join(names)}")
 
 
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, type):
-        return tp.__name__
-    if typing.get_origin(tp) is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
-    if typing.get_origin(tp) is Union:
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    return str(tp).replace("typing.", "")
-
-
-def _type_error(value: Any, tp: Any, where: str, source: str, extra: str = "") -> ValueError:
-    return ValueError(f"{source}: '{where}' must be {_type_name(tp)}, got {value!r} "
-                      f"({type(value).__name__}){extra}")
-
-
-def _is_scalar(tp: Any) -> bool:
-    return tp in (bool, int, float, str) or typing.get_origin(tp) is Literal
-
-
-def _check(value: Any, tp: Any, where: str, source: str) -> Any:
-    """``value`` checked against the annotation ``tp``; returns the value to store (ints widened to
-    float, dataclass sections as checked dicts). Raises ValueError naming ``where`` and ``source``."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{source}: '{where}' is a section and must be a mapping of its keys "
-                             f"({', '.join(_field_names(tp))}), got {value!r}")
-        return _check_section(value, tp, where + ".", source)
-    if origin in (Union, types.UnionType):
-        return _check_union(value, tp, where, source)
-    if origin is Literal:
-        if value not in typing.get_args(tp):
-            raise ValueError(f"{source}: '{where}' must be one of {list(typing.get_args(tp))}, got {value!r}")
-        return value
-    if tp in (bool, int, float, str):
-        return _check_scalar(value, tp, where, source)
-    if tp is dict or origin is dict:
-        if not isinstance(value, Mapping):
-            raise _type_error(value, "a mapping", where, source)
-        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
-        return {_check(k, key_tp, f"{where} key", source): _check(v, val_tp, f"{where}.{k}", source)
-                for k, v in value.items()}
-    if tp in (list, tuple) or origin in (list, tuple):
-        return _check_sequence(value, tp, where, source)
-    raise AssertionError(f"schema field '{where}' has an annotation the loader does not handle: {tp!r}")
-
-
-def _check_union(value: Any, tp: Any, where: str, source: str) -> Any:
-    args = typing.get_args(tp)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise _type_error(value, tp, where, source)
-    options = [a for a in args if a is not type(None)]
-    for arg in options:
-        try:
-            return _check(value, arg, where, source)
-        except ValueError:
-            if len(options) == 1 and not _is_scalar(arg):
-                raise  # the nested error names the exact key
-    raise _type_error(value, tp, where, source)
-
-
-def _check_scalar(value: Any, tp: type, where: str, source: str) -> Any:
-    # bool is an int subclass in Python; YAML true/false must not pass as 1/0 (or the reverse).
-    ok = {bool: isinstance(value, bool),
-          int: isinstance(value, int) and not isinstance(value, bool),
-          float: isinstance(value, (int, float)) and not isinstance(value, bool),
-          str: isinstance(value, str)}[tp]
-    if not ok:
-        hint = {bool: " (use true or false)", str: " (quote it to make it a string)"}.get(tp, "")
-        raise _type_error(value, tp, where, source, hint)
-    return float(value) if tp is float else value
-
-
-def _check_sequence(value: Any, tp: Any, where: str, source: str) -> Any:
-    if not isinstance(value, (list, tuple)):
-        raise _type_error(value, "a list", where, source)
-    is_tuple = tp is tuple or typing.get_origin(tp) is tuple
-    args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
-    if is_tuple and len(args) > 1:  # fixed-length tuple[X, Y]
-        if len(args) != len(value):
-            raise ValueError(f"{source}: '{where}' must have {len(args)} items, got {value!r}")
-        return tuple(_check(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
-    items = [_check(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
-    return tuple(items) if is_tuple else items
-
-
-def _check_section(data: Mapping, cls: type, prefix: str, source: str) -> dict:
-    """A (possibly partial) mapping for dataclass ``cls`` with every key known and every value checked."""
-    hints = _hints(cls)
-    out = {}
-    for key, value in data.items():
-        if not isinstance(key, str) or key not in hints:
-            raise _unknown_key(key, cls, prefix, source)
-        out[key] = _check(value, hints[key], prefix + key, source)
-    return out
+_checker = Checker(lambda key, cls, prefix, source: _unknown_key(key, cls, prefix, source))
+_check = _checker.check
 
 
 # ----------------------------------------------------------------------------- trees
 
 def _merge(base: dict, top: dict, cls: type) -> dict:
     """``top`` over ``base`` (both checked partial trees of ``cls``): sections merge, values replace."""
-    hints = _hints(cls)
+    fields = hints(cls)
     out = dict(base)
     for key, value in top.items():
-        if dataclasses.is_dataclass(hints[key]) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value, hints[key])
+        if dataclasses.is_dataclass(fields[key]) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, fields[key])
         else:
             out[key] = value
     return out
-
-
-def _build(cls: type, data: Mapping) -> Any:
-    """Dataclass ``cls`` from a checked tree; missing keys keep their defaults."""
-    hints = _hints(cls)
-    kwargs = {}
-    for key, value in data.items():
-        tp = hints[key]
-        kwargs[key] = _build(tp, value) if dataclasses.is_dataclass(tp) else _copy(value)
-    return cls(**kwargs)
-
-
-def _copy(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _resolve_include(entry: Any, including: str) -> str:
@@ -288,7 +163,7 @@ def _load_tree(path: str, stack: tuple[str, ...] = ()) -> dict:
     tree: dict = {}
     for entry in includes:
         tree = _merge(tree, _load_tree(_resolve_include(entry, path), stack + (path,)), RunConfig)
-    return _merge(tree, _check_section(data, RunConfig, "", path), RunConfig)
+    return _merge(tree, _checker.section(data, RunConfig, "", path), RunConfig)
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -318,10 +193,10 @@ def _set_path(tree: dict, key: str, value: Any, source: str) -> None:
     node = tree
     for i, part in enumerate(parts):
         prefix = ".".join(parts[:i]) + ("." if i else "")
-        hints = _hints(cls)
-        if part not in hints:
+        fields = hints(cls)
+        if part not in fields:
             raise _unknown_key(part, cls, prefix, source)
-        tp = hints[part]
+        tp = fields[part]
         last = i == len(parts) - 1
         if last:
             checked = _check(value, tp, key, source)
@@ -341,7 +216,7 @@ def _set_path(tree: dict, key: str, value: Any, source: str) -> None:
                 inner = inner.setdefault(sub, {})
             inner[parts[-1]] = _check(value, val_tp if len(parts) == i + 2 else Any, key, source)
             return
-        raise ValueError(f"{source}: '{prefix}{part}' is a value ({_type_name(tp)}), it has no key {parts[i + 1]!r}")
+        raise ValueError(f"{source}: '{prefix}{part}' is a value ({type_name(tp)}), it has no key {parts[i + 1]!r}")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -358,7 +233,7 @@ def from_dict(data: Mapping, source: str = "<dict>") -> RunConfig:
     """
     if not isinstance(data, Mapping):
         raise ValueError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
-    return _build(RunConfig, _check_section(data, RunConfig, "", source))
+    return build(RunConfig, _checker.section(data, RunConfig, "", source))
 
 
 def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
@@ -367,12 +242,12 @@ def apply_overrides(cfg: RunConfig, overrides: Iterable[str]) -> RunConfig:
     for text in overrides:
         key, value = parse_override(text)
         _set_path(tree, key, value, f"override {text!r}")
-    return _build(RunConfig, tree)
+    return build(RunConfig, tree)
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
     """Recipe at ``path`` (with its ``defaults`` includes) + ``key=value`` overrides -> RunConfig."""
-    return apply_overrides(_build(RunConfig, _load_tree(path)), overrides)
+    return apply_overrides(build(RunConfig, _load_tree(path)), overrides)
 
 
 def _plain(value: Any) -> Any:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import torch
 
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT  # noqa: F401  (re-exported)
+from redi_megatron.typed import from_mapping
 
 NORMALIZERS = ("tokens", "pairs")
 
@@ -98,14 +99,10 @@ class LossSpec:
         return self.normalizer == "pairs"
 
     def make_hparams(self, values: Optional[Mapping[str, Any]] = None) -> Any:
-        """Build the hyper-parameter dataclass from a dict (e.g. a YAML section); unknown keys are errors."""
-        values = dict(values or {})
-        known = {f.name for f in dataclasses.fields(self.config_cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"loss {self.name!r}: unknown hyper-parameter(s) {unknown}; "
-                             f"known: {sorted(known)}")
-        return self.config_cls(**values)
+        """The hyper-parameter dataclass from a dict (e.g. ``loss.params``), typed like the rest of the
+        config (``redi_megatron.typed``: ``true``, ``'0.8'``, ``null`` or ``[0.8]`` is not a float) and
+        range-checked by the dataclass; unknown keys are errors. ValueError naming ``loss.params.<key>``."""
+        return from_mapping(self.config_cls, values, source=f"loss {self.name!r}", prefix="loss.params.")
 
 
 _REGISTRY: dict[str, LossSpec] = {}

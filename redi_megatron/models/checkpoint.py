@@ -30,6 +30,7 @@ import torch
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.outputs import check_output, discard, publish, staging_dir, staging_path
 from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
+from redi_megatron.typed import from_mapping
 
 FORMAT_NAME = "redi-megatron-model"
 FORMAT_VERSION = 1
@@ -69,11 +70,7 @@ def model_config_from_dict(data: Mapping[str, Any], where: str) -> ModelConfig:
     """``ModelConfig`` from a JSON object; unknown fields are an error (``where`` names the file)."""
     if not isinstance(data, Mapping):
         raise ValueError(f"{where}: expected a JSON object of ModelConfig fields")
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown ModelConfig field(s) {unknown}")
-    return ModelConfig(**data)
+    return from_mapping(ModelConfig, data, source=where)
 
 
 NOT_A_CHECKPOINT = "not a redi-megatron model checkpoint directory"
