@@ -6,6 +6,8 @@ import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from redi_megatron.errors import UserError
+
 
 def force_cpu() -> None:
     """Conversion is host-memory work: hide GPUs before anything initialises CUDA (gloo, CPU spec).
@@ -36,7 +38,7 @@ def parallel_context(tp: int = 1, pp: int = 1) -> Iterator[None]:
     elif world == tp * pp:
         init_parallel(tp, pp)
     else:
-        raise ValueError(f"launched with WORLD_SIZE={world}; run as one process, or with "
+        raise UserError(f"launched with WORLD_SIZE={world}; run as one process, or with "
                          f"tp*pp = {tp * pp} processes")
     try:
         yield
@@ -45,9 +47,10 @@ def parallel_context(tp: int = 1, pp: int = 1) -> Iterator[None]:
 
 
 def run_cli(prog: str, body: Callable[[], int]) -> int:
-    """Run a CLI body; user errors (``ValueError``) become one line on stderr and exit status 2."""
+    """Run a CLI body; user errors (``UserError``) become one line on stderr and exit status 2, anything
+    else (a bug) keeps its traceback."""
     try:
         return body()
-    except ValueError as e:
+    except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Optional
 import torch
 
 from checkpoint_tools.mappings import CONFIG_FIELDS, OVERRIDABLE, Family, family_for_architecture, family_for_config
+from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import read_json
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.typed import Checker, hints
@@ -44,9 +45,9 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not value:
-            raise ValueError(f"--override {item!r}: expected FIELD=VALUE")
+            raise UserError(f"--override {item!r}: expected FIELD=VALUE")
         if key not in OVERRIDABLE:
-            raise ValueError(f"--override {key}: not an overridable field (allowed: "
+            raise UserError(f"--override {key}: not an overridable field (allowed: "
                              f"{', '.join(OVERRIDABLE)}; others would change tensor shapes)")
         try:
             parsed = yaml.safe_load(value)
@@ -69,14 +70,14 @@ def read_hf_config(hf_dir: str | Path, overrides: Optional[dict[str, Any]] = Non
     path = Path(hf_dir) / "config.json"
     raw = read_json(path)
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise UserError(f"{path}: expected a JSON object")
     family = family_for_architecture(raw.get("architectures"), raw.get("model_type"), str(path))
     hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
     rope = _rope(hf_cfg)
     for key, wanted in family.requires:
         value = rope.get(key) if key == "rope_type" else getattr(hf_cfg, key, wanted)
         if value != wanted:
-            raise ValueError(f"{path}: {key}={value!r} is not supported for {family.name} "
+            raise UserError(f"{path}: {key}={value!r} is not supported for {family.name} "
                              f"(the Megatron model needs {key}={wanted!r})")
     values: dict[str, Any] = {field: getattr(hf_cfg, key) for field, key in CONFIG_FIELDS}
     if values["num_query_groups"] is None:
@@ -145,7 +146,7 @@ def _pread_into(fd: int, buf: torch.Tensor, offset: int) -> None:
     while done < len(view):  # Linux returns at most ~2 GiB per call
         n = os.preadv(fd, [view[done:]], offset + done)
         if n <= 0:
-            raise ValueError(f"unexpected end of file at byte {offset + done}")
+            raise UserError(f"unexpected end of file at byte {offset + done}")
         done += n
 
 
@@ -160,11 +161,11 @@ class _SafetensorsFile:
         head = os.pread(self.fd, 8, 0)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
         if n <= 0 or 8 + n > size:
-            raise ValueError(f"{path}: not a safetensors file (bad header length)")
+            raise UserError(f"{path}: not a safetensors file (bad header length)")
         try:
             header = json.loads(os.pread(self.fd, n, 8))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"{path}: unreadable safetensors header: {e}") from e
+            raise UserError(f"{path}: unreadable safetensors header: {e}") from e
         self.entries: dict[str, _Entry] = {}
         for name, info in header.items():
             if name == "__metadata__":
@@ -173,10 +174,10 @@ class _SafetensorsFile:
                 dtype, shape = _ST_DTYPES[info["dtype"]], tuple(int(d) for d in info["shape"])
                 begin, end = (int(x) for x in info["data_offsets"])
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}: bad header entry for tensor {name!r}: {info!r}") from e
+                raise UserError(f"{path}: bad header entry for tensor {name!r}: {info!r}") from e
             nbytes = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
             if end - begin != nbytes or 8 + n + end > size:
-                raise ValueError(f"{path}: tensor {name!r} has {end - begin} bytes at [{begin}, {end}), "
+                raise UserError(f"{path}: tensor {name!r} has {end - begin} bytes at [{begin}, {end}), "
                                  f"its shape {list(shape)} needs {nbytes} (truncated or corrupt file?)")
             self.entries[name] = _Entry(dtype, shape, 8 + n + begin)
 
@@ -207,28 +208,28 @@ class SafetensorsReader:
         if index.is_file():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict):
-                raise ValueError(f"{index}: no 'weight_map' object")
+                raise UserError(f"{index}: no 'weight_map' object")
             files = sorted(set(weight_map.values()))
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not files:
-                raise ValueError(f"{self.dir} has no *.safetensors files (PyTorch .bin checkpoints are "
+                raise UserError(f"{self.dir} has no *.safetensors files (PyTorch .bin checkpoints are "
                                  f"not supported: re-save with save_pretrained(safe_serialization=True))")
             weight_map = None
         self._files: dict[str, _SafetensorsFile] = {}
         self.file_of: dict[str, str] = {}
         for name in files:
             if not (self.dir / name).is_file():
-                raise ValueError(f"{index}: refers to missing shard {name}")
+                raise UserError(f"{index}: refers to missing shard {name}")
             self._files[name] = _SafetensorsFile(self.dir / name)
             for key in self._files[name].entries:
                 if key in self.file_of:
-                    raise ValueError(f"tensor {key!r} appears in both {self.file_of[key]} and {name}")
+                    raise UserError(f"tensor {key!r} appears in both {self.file_of[key]} and {name}")
                 self.file_of[key] = name
         if weight_map is not None:
             wrong = [k for k, f in weight_map.items() if self.file_of.get(k) != f]
             if wrong:
-                raise ValueError(f"{index}: tensor {wrong[0]!r} is not in {weight_map[wrong[0]]}")
+                raise UserError(f"{index}: tensor {wrong[0]!r} is not in {weight_map[wrong[0]]}")
 
     def names(self) -> set[str]:
         return set(self.file_of)
@@ -265,7 +266,7 @@ def parse_size(text: str) -> int:
     try:
         return int(float(t) * mult)
     except ValueError as e:
-        raise ValueError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB") from e
+        raise UserError(f"--max-shard-size {text!r}: expected a size like 5GB or 500MB") from e
 
 
 class StreamingSafetensorsWriter:

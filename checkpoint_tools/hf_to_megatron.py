@@ -22,8 +22,8 @@ import torch
 
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
 from checkpoint_tools.hf_io import SafetensorsReader, hf_dtype, parse_overrides, read_hf_config
-from checkpoint_tools.mappings import (Family, bind_layer, expected_hf_tensors, is_ignored_hf,
-                                       megatron_index)
+from checkpoint_tools.mappings import Family, bind_layer, expected_hf_tensors, is_ignored_hf, megatron_index
+from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import check_output_dir, dtype_from_name, save_model_checkpoint
 from redi_megatron.models.config import ModelConfig, ParallelConfig
 
@@ -60,16 +60,16 @@ def check_hf_tensors(family: Family, cfg: ModelConfig, reader: SafetensorsReader
     missing = sorted(set(expected) - present)
     if missing:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise ValueError(f"{reader.dir}: missing tensor(s) {missing[:3]}{more} expected for "
+        raise UserError(f"{reader.dir}: missing tensor(s) {missing[:3]}{more} expected for "
                          f"{family.name} with {cfg.num_layers} layers")
     for name, shape in expected.items():
         if reader.shape(name) != shape:
-            raise ValueError(f"{reader.where(name)}: tensor {name!r} has shape {list(reader.shape(name))}, "
+            raise UserError(f"{reader.where(name)}: tensor {name!r} has shape {list(reader.shape(name))}, "
                              f"expected {list(shape)} from config.json")
     unexpected = sorted(n for n in present - set(expected) if not is_ignored_hf(family, cfg, n))
     if unexpected:
         more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
-        raise ValueError(f"{reader.dir}: unexpected tensor(s) {unexpected[:3]}{more}: the {family.name} "
+        raise UserError(f"{reader.dir}: unexpected tensor(s) {unexpected[:3]}{more}: the {family.name} "
                          f"table has no place for them (unsupported architecture variant?)")
 
 
@@ -82,7 +82,7 @@ def plan_conversion(hf_dir: str | Path, *, tp: int = 1, pp: int = 1,
     try:
         ParallelConfig(tp=tp, pp=pp).validate(tp * pp, cfg)
     except ValueError as e:
-        raise ValueError(f"--tp {tp} --pp {pp} do not fit {hf / 'config.json'}: {e}") from e
+        raise UserError(f"--tp {tp} --pp {pp} do not fit {hf / 'config.json'}: {e}") from e
     cfg = _stable_vocab_padding(cfg, tp)
     reader = SafetensorsReader(hf)
     try:
@@ -137,7 +137,7 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
     tp_size, pp_size = ParallelGroups.size(g.tp), ParallelGroups.size(g.pp)
     tp, pp = tp or tp_size, pp or pp_size
     if (tp_size, pp_size) not in ((1, 1), (tp, pp)):
-        raise ValueError(f"running at TP{tp_size}/PP{pp_size}: convert for --tp {tp} --pp {pp} with "
+        raise UserError(f"running at TP{tp_size}/PP{pp_size}: convert for --tp {tp} --pp {pp} with "
                          f"tp*pp ranks or with one")
     plan = plan or plan_conversion(hf_dir, tp=tp, pp=pp, overrides=overrides, dtype=dtype)
     check_output_dir(out_dir, overwrite, inputs=[hf_dir])  # fail before the expensive part

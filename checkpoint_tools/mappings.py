@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 
+from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
 
 # read(hf_name, dim, start, stop) -> tensor; dim None reads the whole tensor.
@@ -237,13 +238,13 @@ def family_for_architecture(architectures: Optional[list], model_type: Optional[
         if not architectures and model_type == family.model_type:
             return family
     known = sorted(a for f in FAMILIES.values() for a in f.architectures)
-    raise ValueError(f"{where}: unsupported architecture {architectures or model_type!r}; "
+    raise UserError(f"{where}: unsupported architecture {architectures or model_type!r}; "
                      f"supported: {known}")
 
 
 def family_for_config(cfg: ModelConfig) -> Family:
     if cfg.family not in FAMILIES:
-        raise ValueError(f"model family {cfg.family!r} has no conversion table (known: {sorted(FAMILIES)})")
+        raise UserError(f"model family {cfg.family!r} has no conversion table (known: {sorted(FAMILIES)})")
     return FAMILIES[cfg.family]
 
 
@@ -293,6 +294,6 @@ def full_state_dict_to_hf(full: dict[str, torch.Tensor], cfg: ModelConfig
             names.append(te.format(i=layer))
         found = [n for n in names if n in full]
         if not found:
-            raise ValueError(f"state dict has no tensor {names[0]!r}")
+            raise UserError(f"state dict has no tensor {names[0]!r}")
         for hf_name, tensor in m.export(full[found[0]], cfg).items():
             yield hf_name.format(i=layer), tensor

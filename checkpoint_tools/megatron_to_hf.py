@@ -22,9 +22,16 @@ import torch
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
 from checkpoint_tools.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
 from checkpoint_tools.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
-from redi_megatron.models.checkpoint import (TOKENIZER_SUBDIR, check_output_dir, dtype_from_name,
-                                             load_model_checkpoint, read_meta, read_model_config,
-                                             tokenizer_files)
+from redi_megatron.errors import UserError
+from redi_megatron.models.checkpoint import (
+    TOKENIZER_SUBDIR,
+    check_output_dir,
+    dtype_from_name,
+    load_model_checkpoint,
+    read_meta,
+    read_model_config,
+    tokenizer_files,
+)
 from redi_megatron.models.config import ModelConfig, ParallelConfig
 from redi_megatron.outputs import discard, publish, staging_dir
 
@@ -36,7 +43,7 @@ def _side_file(ckpt: Path, name: str) -> Optional[dict[str, Any]]:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise UserError(f"{path} is not valid JSON: {e}") from e
 
 
 def _generation_config(source: Optional[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
@@ -103,7 +110,7 @@ def check_finite_weights(model: torch.nn.Module, where: str | Path) -> None:
     """ValueError naming the first parameters with NaN or inf values."""
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise ValueError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}): the "
+        raise UserError(f"{where}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {', '.join(bad[:3])}): the "
                          "run diverged; export an earlier checkpoint, or pass --allow-nonfinite to export anyway")
 
 

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 import torch
 
 from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
 from redi_megatron.models.config import ModelConfig
 
@@ -58,7 +59,7 @@ def _prompt_ids(hf_dir: Path, ckpt: Path, prompts: Sequence[str], vocab_size: in
             ids = [torch.tensor(tok(p)["input_ids"]) for p in prompts]
             too_big = [int(t.max()) for t in ids if int(t.max()) >= vocab_size]
             if too_big:
-                raise ValueError(f"tokenizer in {d} produces id {too_big[0]} >= vocab_size {vocab_size}")
+                raise UserError(f"tokenizer in {d} produces id {too_big[0]} >= vocab_size {vocab_size}")
             return ids
     g = torch.Generator().manual_seed(0)
     return [torch.randint(0, vocab_size, (16 + 8 * i,), generator=g) for i in range(len(prompts))]
@@ -95,7 +96,7 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
     config = _hf_config_like(hf_dir, cfg)
     hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, **{key: torch_dtype}).eval()
     if hf.config.vocab_size != cfg.vocab_size:
-        raise ValueError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
+        raise UserError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
                          f"{cfg.vocab_size}")
     reports = []
     for ids in _prompt_ids(hf_dir, ckpt, prompts, cfg.vocab_size):
@@ -124,7 +125,7 @@ def _read_prompts(path: Optional[str]) -> Sequence[str]:
     lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines()]
     prompts = [line for line in lines if line]
     if not prompts:
-        raise ValueError(f"{path} has no prompts (one per line)")
+        raise UserError(f"{path} has no prompts (one per line)")
     return prompts
 
 
@@ -137,7 +138,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         read_meta(args.megatron)
         dtype_from_name(args.dtype, "--dtype")
         if not (Path(args.hf) / "config.json").is_file():
-            raise ValueError(f"{args.hf} has no config.json")
+            raise UserError(f"{args.hf} has no config.json")
         with parallel_context():
             reports = verify_parity(args.hf, args.megatron, prompts=prompts, dtype=args.dtype)
         print(f"{'prompt':>6} {'tokens':>6} {'max|dlogit|':>12} {'mean KL':>10} {'max KL':>10}")

@@ -19,6 +19,8 @@ import shutil
 from pathlib import Path
 from typing import Iterable, Optional
 
+from redi_megatron.errors import UserError
+
 MARKER = ".redi-megatron-staging"
 
 
@@ -45,21 +47,21 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Optional[str | os.Path
             continue
         source = _resolved(inp)
         if _overlap(target, source):
-            raise ValueError(f"{flag} {path} overlaps the input {inp}: writing there could destroy it "
+            raise UserError(f"{flag} {path} overlaps the input {inp}: writing there could destroy it "
                              "(an output must not be, contain or sit inside an input)")
     if path.exists() or path.is_symlink():
         if not path.is_dir():
-            raise ValueError(f"{flag} {path} exists and is not a directory")
+            raise UserError(f"{flag} {path} exists and is not a directory")
         if not overwrite:
-            raise ValueError(f"{flag} {path} already exists; pass --overwrite to replace it (the old one is "
+            raise UserError(f"{flag} {path} already exists; pass --overwrite to replace it (the old one is "
                              "kept until the new one is complete)")
     parent = target.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise ValueError(f"{flag} {path}: {parent} is a file, not a directory")
+        raise UserError(f"{flag} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{flag} {path}: {parent} is not writable")
+        raise UserError(f"{flag} {path}: {parent} is not writable")
     return path
 
 
@@ -111,5 +113,5 @@ def _remove_ours(path: Path) -> None:
     if not path.exists():
         return
     if not (path / MARKER).is_file():
-        raise ValueError(f"{path} exists but was not made by redi-megatron: move it away and rerun")
+        raise UserError(f"{path} exists but was not made by redi-megatron: move it away and rerun")
     shutil.rmtree(path)

@@ -17,6 +17,8 @@ import types
 import typing
 from typing import Any, Callable, Literal, Mapping, TypeVar, Union
 
+from redi_megatron.errors import UserError
+
 T = TypeVar("T")
 UnknownKey = Callable[[Any, type, str, str], ValueError]
 
@@ -44,7 +46,7 @@ def type_name(tp: Any) -> str:
 
 
 def type_error(value: Any, tp: Any, where: str, source: str, extra: str = "") -> ValueError:
-    return ValueError(f"{source}: '{where}' must be {type_name(tp)}, got {value!r} "
+    return UserError(f"{source}: '{where}' must be {type_name(tp)}, got {value!r} "
                       f"({type(value).__name__}){extra}")
 
 
@@ -53,7 +55,7 @@ def unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     names = field_names(cls)
     close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
-    return ValueError(f"{source}: unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(names)}")
+    return UserError(f"{source}: unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(names)}")
 
 
 def _is_scalar(tp: Any) -> bool:
@@ -75,14 +77,14 @@ class Checker:
             return value
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, Mapping):
-                raise ValueError(f"{source}: '{where}' is a section and must be a mapping of its keys "
+                raise UserError(f"{source}: '{where}' is a section and must be a mapping of its keys "
                                  f"({', '.join(field_names(tp))}), got {value!r}")
             return self.section(value, tp, where + ".", source)
         if origin in (Union, types.UnionType):
             return self._union(value, tp, where, source)
         if origin is Literal:
             if value not in typing.get_args(tp):
-                raise ValueError(f"{source}: '{where}' must be one of {list(typing.get_args(tp))}, got {value!r}")
+                raise UserError(f"{source}: '{where}' must be one of {list(typing.get_args(tp))}, got {value!r}")
             return value
         if tp in (bool, int, float, str):
             return _scalar(value, tp, where, source)
@@ -128,7 +130,7 @@ class Checker:
         args = [a for a in typing.get_args(tp) if a is not Ellipsis] or [Any]
         if is_tuple and len(args) > 1:  # fixed-length tuple[X, Y]
             if len(args) != len(value):
-                raise ValueError(f"{source}: '{where}' must have {len(args)} items, got {value!r}")
+                raise UserError(f"{source}: '{where}' must have {len(args)} items, got {value!r}")
             return tuple(self.check(v, a, f"{where}[{i}]", source) for i, (v, a) in enumerate(zip(value, args)))
         items = [self.check(v, args[0], f"{where}[{i}]", source) for i, v in enumerate(value)]
         return tuple(items) if is_tuple else items
@@ -170,5 +172,5 @@ def from_mapping(cls: type[T], data: Any, source: str, prefix: str = "") -> T:
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: '{prefix.rstrip('.') or 'value'}' must be a mapping, got {data!r}")
+        raise UserError(f"{source}: '{prefix.rstrip('.') or 'value'}' must be a mapping, got {data!r}")
     return build(cls, Checker().section(data, cls, prefix, source))

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import yaml
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.errors import UserError
 from redi_megatron.typed import Checker, build, field_names, hints, type_name
 
 DEFAULTS_KEY = "defaults"
@@ -67,7 +68,7 @@ def _parse_yaml(text: str, source: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as e:
-        raise ValueError(f"{source}: invalid YAML: {e}") from None
+        raise UserError(f"{source}: invalid YAML: {e}") from None
 
 
 # ----------------------------------------------------------------------------- type checking
@@ -96,7 +97,7 @@ def _unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     names = field_names(cls)
     where = f"'{prefix}{key}'"
     if f"{prefix}{key}" in REMOVED_KEYS:
-        return ValueError(f"{source}: {where} was removed: {REMOVED_KEYS[f'{prefix}{key}']}")
+        return UserError(f"{source}: {where} was removed: {REMOVED_KEYS[f'{prefix}{key}']}")
     close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
     # The key may exist in another section ("lr" at top level -> "optimizer.lr").
     leaf = str(key).lower()
@@ -106,7 +107,7 @@ def _unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     msg = f"{source}: unknown key {where}"
     if suggestions:
         msg += f"; did you mean {', '.join(repr(h) for h in suggestions)}?"
-    return ValueError(f"{msg} Valid keys in {section}: {', '.join(names)}")
+    return UserError(f"{msg} Valid keys in {section}: {', '.join(names)}")
 
 
 _checker = Checker(lambda key, cls, prefix, source: _unknown_key(key, cls, prefix, source))
@@ -129,14 +130,14 @@ def _merge(base: dict, top: dict, cls: type) -> dict:
 
 def _resolve_include(entry: Any, including: str) -> str:
     if not isinstance(entry, str) or not entry.strip():
-        raise ValueError(f"{including}: '{DEFAULTS_KEY}' entries must be file paths, got {entry!r}")
+        raise UserError(f"{including}: '{DEFAULTS_KEY}' entries must be file paths, got {entry!r}")
     path = os.path.expanduser(entry)
     if not os.path.isabs(path):
         path = os.path.join(os.path.dirname(os.path.abspath(including)), path)
     if not os.path.exists(path) and not path.endswith((".yaml", ".yml")) and os.path.exists(path + ".yaml"):
         path += ".yaml"
     if not os.path.isfile(path):
-        raise ValueError(f"{including}: '{DEFAULTS_KEY}' entry {entry!r} not found (looked for {path})")
+        raise UserError(f"{including}: '{DEFAULTS_KEY}' entry {entry!r} not found (looked for {path})")
     return os.path.abspath(path)
 
 
@@ -145,21 +146,21 @@ def _load_tree(path: str, stack: tuple[str, ...] = ()) -> dict:
     path = os.path.abspath(path)
     if path in stack:
         chain = " -> ".join(stack + (path,))
-        raise ValueError(f"{stack[-1]}: '{DEFAULTS_KEY}' include cycle: {chain}")
+        raise UserError(f"{stack[-1]}: '{DEFAULTS_KEY}' include cycle: {chain}")
     if not os.path.isfile(path):
         where = f"{stack[-1]}: " if stack else ""
-        raise ValueError(f"{where}config file not found: {path}")
+        raise UserError(f"{where}config file not found: {path}")
     with open(path, encoding="utf-8") as f:
         data = _parse_yaml(f.read(), path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{path}: a recipe must be a YAML mapping of sections, got {type(data).__name__}")
     includes = data.pop(DEFAULTS_KEY, [])
     if isinstance(includes, str):
         includes = [includes]
     if not isinstance(includes, list):
-        raise ValueError(f"{path}: '{DEFAULTS_KEY}' must be a file path or a list of them, got {includes!r}")
+        raise UserError(f"{path}: '{DEFAULTS_KEY}' must be a file path or a list of them, got {includes!r}")
     tree: dict = {}
     for entry in includes:
         tree = _merge(tree, _load_tree(_resolve_include(entry, path), stack + (path,)), RunConfig)
@@ -172,13 +173,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"optimizer.lr=1e-6"`` -> ``("optimizer.lr", 1e-6)``; the value is parsed as YAML (an empty value
     is ``null``; a value YAML cannot parse, such as ``@x``, stays the raw string)."""
     if "=" not in text:
-        raise ValueError(f"override {text!r}: expected key=value (e.g. optimizer.lr=1e-6)")
+        raise UserError(f"override {text!r}: expected key=value (e.g. optimizer.lr=1e-6)")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not _OVERRIDE_KEY.match(key):
-        raise ValueError(f"override {text!r}: {key!r} is not a dotted key such as optimizer.lr")
+        raise UserError(f"override {text!r}: {key!r} is not a dotted key such as optimizer.lr")
     if key == DEFAULTS_KEY or key.startswith(DEFAULTS_KEY + "."):
-        raise ValueError(f"override {text!r}: '{DEFAULTS_KEY}' can only be used inside a recipe file")
+        raise UserError(f"override {text!r}: '{DEFAULTS_KEY}' can only be used inside a recipe file")
     try:
         value = yaml.load(raw, Loader=_Loader)
     except yaml.YAMLError:
@@ -212,11 +213,11 @@ def _set_path(tree: dict, key: str, value: Any, source: str) -> None:
             inner = node[part]
             for sub in parts[i + 1:-1]:
                 if not isinstance(inner.get(sub, {}), dict):
-                    raise ValueError(f"{source}: '{key}': {sub!r} inside '{prefix}{part}' is not a mapping")
+                    raise UserError(f"{source}: '{key}': {sub!r} inside '{prefix}{part}' is not a mapping")
                 inner = inner.setdefault(sub, {})
             inner[parts[-1]] = _check(value, val_tp if len(parts) == i + 2 else Any, key, source)
             return
-        raise ValueError(f"{source}: '{prefix}{part}' is a value ({type_name(tp)}), it has no key {parts[i + 1]!r}")
+        raise UserError(f"{source}: '{prefix}{part}' is a value ({type_name(tp)}), it has no key {parts[i + 1]!r}")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -232,7 +233,7 @@ def from_dict(data: Mapping, source: str = "<dict>") -> RunConfig:
     ``source`` names the origin in error messages (e.g. the checkpoint's saved config path).
     """
     if not isinstance(data, Mapping):
-        raise ValueError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+        raise UserError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
     return build(RunConfig, _checker.section(data, RunConfig, "", source))
 
 

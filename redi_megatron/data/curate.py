@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
+from redi_megatron.errors import UserError
 from redi_megatron.outputs import check_output, discard, publish, staging_dir
 
 from .curate_report import Report, write_outputs
@@ -68,21 +69,21 @@ class CurationConfig:
     def validate(self) -> None:
         """ValueError naming the offending field."""
         if self.schema != "auto" and self.schema not in SCHEMAS:
-            raise ValueError(f"schema: {self.schema!r} not in {('auto',) + SCHEMAS}")
+            raise UserError(f"schema: {self.schema!r} not in {('auto',) + SCHEMAS}")
         if self.length_filter not in LENGTH_FILTER_SCOPES:
-            raise ValueError(f"length_filter: {self.length_filter!r} not in {LENGTH_FILTER_SCOPES}")
+            raise UserError(f"length_filter: {self.length_filter!r} not in {LENGTH_FILTER_SCOPES}")
         if self.length_measure not in (LENGTH_EXACT, LENGTH_AUTHORS):
-            raise ValueError(f"length_measure: {self.length_measure!r} not in {(LENGTH_EXACT, LENGTH_AUTHORS)}")
+            raise UserError(f"length_measure: {self.length_measure!r} not in {(LENGTH_EXACT, LENGTH_AUTHORS)}")
         if not self.outputs or any(o not in OUTPUTS for o in self.outputs):
-            raise ValueError(f"outputs: {self.outputs!r} must be a non-empty subset of {OUTPUTS}")
+            raise UserError(f"outputs: {self.outputs!r} must be a non-empty subset of {OUTPUTS}")
         if self.output_format not in ("hf", "jsonl"):
-            raise ValueError(f"output_format: {self.output_format!r} not in ('hf', 'jsonl')")
+            raise UserError(f"output_format: {self.output_format!r} not in ('hf', 'jsonl')")
         for name in ("max_prompt_tokens", "max_completion_tokens"):
             v = getattr(self, name)
             if v is not None and v <= 0:
-                raise ValueError(f"{name}: must be positive or None, got {v}")
+                raise UserError(f"{name}: must be positive or None, got {v}")
         if self.num_proc < 1 or self.rows_per_chunk < 1:
-            raise ValueError("num_proc and rows_per_chunk must be >= 1")
+            raise UserError("num_proc and rows_per_chunk must be >= 1")
 
     def template(self) -> TemplateConfig:
         return TemplateConfig(system_prompt=self.system_prompt, eos_token=self.eos_token)
@@ -93,9 +94,9 @@ def _detect_schema(files: Sequence[str], requested: str) -> str:
     kinds = sorted(set(found.values()))
     if len(kinds) > 1:
         detail = ", ".join(f"{os.path.basename(f)}={s}" for f, s in list(found.items())[:6])
-        raise ValueError(f"input files mix schemas {kinds} ({detail}); curate them separately")
+        raise UserError(f"input files mix schemas {kinds} ({detail}); curate them separately")
     if requested != "auto" and requested != kinds[0]:
-        raise ValueError(f"schema {requested!r} requested but {files[0]} looks like {kinds[0]}")
+        raise UserError(f"schema {requested!r} requested but {files[0]} looks like {kinds[0]}")
     return kinds[0]
 
 
@@ -150,7 +151,7 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
     chunks = plan_chunks(files, cfg.rows_per_chunk)
     n = sum(c.num_rows for c in chunks)
     if n == 0:
-        raise ValueError(f"{cfg.input}: no rows")
+        raise UserError(f"{cfg.input}: no rows")
     spec = WorkerSpec(rules, cfg.template(), cfg.length_measure, os.path.abspath(cfg.input), tok)
     report = Report(cfg, schema, rules.correctness_rule, files, n)
     ranks = shuffle_ranks(n, cfg.shuffle_seed)
@@ -182,7 +183,7 @@ def _process_all(cfg, chunks, spec, report: Report, ranks: np.ndarray, tmp: str,
         for res in _results(chunks, spec, min(cfg.num_proc, len(chunks))):
             if cfg.strict and res.bad_rows:
                 b = res.bad_rows[0]
-                raise ValueError(f"--strict: bad row {b['index']} ({b['file']} row {b['row']}): {b['reason']}")
+                raise UserError(f"--strict: bad row {b['index']} ({b['file']} row {b['row']}): {b['reason']}")
             report.add_chunk(res)
             for name, writer in writers.items():
                 for rec in getattr(res, name):
@@ -251,7 +252,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cfg = config_from_args(argv)
     try:
         curate(cfg)
-    except ValueError as e:
+    except UserError as e:
         print(f"redi-curate: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,8 @@ from typing import Any, Dict, Iterator, List, Sequence
 
 import numpy as np
 
+from redi_megatron.errors import UserError
+
 from .curate_worker import ChunkResult, reason_kind
 
 MAX_LISTED_ROWS = 100_000  # rows listed individually in the JSON report per category
@@ -119,7 +121,7 @@ class Report:
         empty = [name for name in outputs if self.kept(name) == 0]
         if empty:
             self.print_summary()
-            raise ValueError(f"curation produced no {' and no '.join(empty)} from {self.cfg.input}; see the counts above")
+            raise UserError(f"curation produced no {' and no '.join(empty)} from {self.cfg.input}; see the counts above")
 
     def to_dict(self) -> Dict[str, Any]:
         rows_ok = self.status.get("ok", 0)

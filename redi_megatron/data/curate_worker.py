@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from .openr1 import STATUS_BAD, STATUS_OK, RowOutcome, RowRules, WANTED_COLUMNS, evaluate_row
+from .openr1 import STATUS_BAD, STATUS_OK, WANTED_COLUMNS, RowOutcome, RowRules, evaluate_row
 from .readers import Chunk, read_chunk
 from .templates import TemplateConfig, encode_completions, encode_prompts, find_control_token, render_prompt
 

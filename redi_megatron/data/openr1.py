@@ -14,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
+from redi_megatron.errors import UserError
+
 SCHEMA_RAW = "openr1-raw"
 SCHEMA_RAW_V1 = "openr1-raw-v1"
 SCHEMA_220K = "openr1-220k"
@@ -58,7 +60,7 @@ def detect_schema(columns: Sequence[str], where: str) -> str:
         return SCHEMA_220K
     if "correctness_math_verify" in cols:
         return SCHEMA_RAW_V1
-    raise ValueError(
+    raise UserError(
         f"{where}: unrecognised schema (columns {sorted(cols)}); expected OpenR1-Math-Raw "
         "('correctness' struct or 'correctness_math_verify') or OpenR1-Math-220k"
     )
@@ -69,10 +71,10 @@ def resolve_rule(schema: str, rule: str) -> str:
     if rule == "auto":
         return DEFAULT_RULE[schema]
     if rule not in CORRECTNESS_RULES:
-        raise ValueError(f"unknown correctness rule {rule!r}; choose from {sorted(CORRECTNESS_RULES)} or 'auto'")
+        raise UserError(f"unknown correctness rule {rule!r}; choose from {sorted(CORRECTNESS_RULES)} or 'auto'")
     missing = [lab for lab in CORRECTNESS_RULES[rule][0] if lab not in _LABEL_FIELDS[schema]]
     if missing:
-        raise ValueError(f"correctness rule {rule!r} needs labels {missing} that schema {schema} does not have")
+        raise UserError(f"correctness rule {rule!r} needs labels {missing} that schema {schema} does not have")
     return rule
 
 

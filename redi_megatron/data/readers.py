@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+from redi_megatron.errors import UserError
+
 PARQUET_EXT = (".parquet",)
 JSONL_EXT = (".jsonl", ".json")
 
@@ -34,20 +36,20 @@ def list_input_files(path: str) -> List[str]:
     """Sorted parquet/JSONL files under ``path`` (a file or a directory, searched recursively)."""
     if os.path.isfile(path):
         if not path.endswith(PARQUET_EXT + JSONL_EXT):
-            raise ValueError(f"{path}: unsupported input file type (expected .parquet, .jsonl or .json)")
+            raise UserError(f"{path}: unsupported input file type (expected .parquet, .jsonl or .json)")
         return [path]
     if not os.path.isdir(path):
-        raise ValueError(f"input {path!r} does not exist")
+        raise UserError(f"input {path!r} does not exist")
     files = []
     for root, dirs, names in os.walk(path):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files.extend(os.path.join(root, n) for n in names if n.endswith(PARQUET_EXT + JSONL_EXT))
     files.sort()
     if not files:
-        raise ValueError(f"{path}: no .parquet, .jsonl or .json files found")
+        raise UserError(f"{path}: no .parquet, .jsonl or .json files found")
     kinds = {f.endswith(PARQUET_EXT) for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"{path}: mixes parquet and JSON files; point to one kind")
+        raise UserError(f"{path}: mixes parquet and JSON files; point to one kind")
     return files
 
 
@@ -107,7 +109,7 @@ def file_columns(path: str) -> List[str]:
                 continue
             if isinstance(obj, dict):
                 return list(obj.keys())
-    raise ValueError(f"{path}: no JSON object found to detect the schema from")
+    raise UserError(f"{path}: no JSON object found to detect the schema from")
 
 
 # A row as read: the parsed object, or an error string when the line is not valid JSON.

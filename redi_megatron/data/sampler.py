@@ -27,6 +27,8 @@ from typing import Any, Dict, Iterator, List, Protocol, Tuple
 
 import numpy as np
 
+from redi_megatron.errors import UserError
+
 from .batch import Microbatch, SequenceSpec, StepBatch, build_microbatch
 
 STATE_VERSION = 1
@@ -62,11 +64,11 @@ class PackingConfig:
     def validate(self) -> None:
         for name in ("global_batch_size", "micro_batch_tokens", "pad_to_multiple_of", "microbatch_multiple"):
             if getattr(self, name) < 1:
-                raise ValueError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"PackingConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.row_shape not in ROW_SHAPES:
-            raise ValueError(f"PackingConfig.row_shape {self.row_shape!r} not in {ROW_SHAPES}")
+            raise UserError(f"PackingConfig.row_shape {self.row_shape!r} not in {ROW_SHAPES}")
         if self.micro_batch_tokens % self.pad_to_multiple_of:
-            raise ValueError(f"PackingConfig.micro_batch_tokens ({self.micro_batch_tokens}) must be a multiple "
+            raise UserError(f"PackingConfig.micro_batch_tokens ({self.micro_batch_tokens}) must be a multiple "
                              f"of pad_to_multiple_of ({self.pad_to_multiple_of})")
 
 
@@ -105,9 +107,9 @@ class PackedStepSampler:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         n = len(dataset)
         if n == 0:
-            raise ValueError("cannot sample from an empty dataset")
+            raise UserError("cannot sample from an empty dataset")
         if config.drop_last and n < config.global_batch_size:
-            raise ValueError(f"drop_last with {n} samples < global_batch_size {config.global_batch_size}: no steps")
+            raise UserError(f"drop_last with {n} samples < global_batch_size {config.global_batch_size}: no steps")
         self.dataset, self.cfg, self.dp_rank, self.dp_size, self.pad_id = dataset, config, dp_rank, dp_size, pad_id
         self.is_pair = dataset.kind == "pair"
         m = config.pad_to_multiple_of
@@ -124,7 +126,7 @@ class PackedStepSampler:
         bad = np.nonzero(self._padded.sum(axis=1) > S)[0]  # a sample (a whole pair) shares one row
         if bad.size:
             worst = int(bad[np.argmax(self._padded[bad].sum(axis=1))])
-            raise ValueError(
+            raise UserError(
                 f"{bad.size} sample(s) do not fit one microbatch of {S} tokens, e.g. sample ids "
                 f"{bad[:10].tolist()} (sample {worst}: sequence lengths {self._lengths[worst].tolist()}); "
                 "raise data.micro_batch_tokens or length-filter the data (nothing is truncated)"
@@ -258,9 +260,9 @@ class PackedStepSampler:
         mine = self._identity()
         diff = {k: (state.get(k), v) for k, v in mine.items() if state.get(k) != v}
         if diff:
-            raise ValueError(f"sampler state does not match this dataset/config: {diff} (saved, now)")
+            raise UserError(f"sampler state does not match this dataset/config: {diff} (saved, now)")
         if not 0 <= state["step"] < self.steps_per_epoch or state["epoch"] < 0:
-            raise ValueError(f"sampler state position epoch {state['epoch']} step {state['step']} is out of range")
+            raise UserError(f"sampler state position epoch {state['epoch']} step {state['step']} is out of range")
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     # ----------------------------------------------------------------- metrics

@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence
 
+from redi_megatron.errors import UserError
+
 QWEN_MATH_SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -106,10 +108,10 @@ def load_tokenizer(path: str) -> Any:
     from transformers import AutoTokenizer
 
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer path {path!r} is not a directory")
+        raise UserError(f"tokenizer path {path!r} is not a directory")
     tok = AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "is_fast", False):
-        raise ValueError(f"tokenizer in {path} is not a fast tokenizer (tokenizer.json needed)")
+        raise UserError(f"tokenizer in {path} is not a fast tokenizer (tokenizer.json needed)")
     check_tokenizer(tok, TemplateConfig(), where=path)
     return tok
 
@@ -118,7 +120,7 @@ def special_token_id(tokenizer: Any, token: str, where: str = "tokenizer") -> in
     """Id of a token that must encode to exactly one id."""
     ids = tokenizer.encode(token, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"{where}: {token!r} is not a single token (encodes to {ids})")
+        raise UserError(f"{where}: {token!r} is not a single token (encodes to {ids})")
     return int(ids[0])
 
 
@@ -126,7 +128,7 @@ def eos_token_id(tokenizer: Any, cfg: TemplateConfig) -> int:
     """Id appended after every completion."""
     if cfg.eos_token is None:
         if tokenizer.eos_token_id is None:
-            raise ValueError("tokenizer has no eos_token; set TemplateConfig.eos_token")
+            raise UserError("tokenizer has no eos_token; set TemplateConfig.eos_token")
         return int(tokenizer.eos_token_id)
     return special_token_id(tokenizer, cfg.eos_token, where="TemplateConfig.eos_token")
 

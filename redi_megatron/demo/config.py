@@ -11,6 +11,7 @@ from typing import Any, Dict, Optional
 
 from redi_megatron.demo.model import DemoModelSpec
 from redi_megatron.demo.teacher import TaskConfig
+from redi_megatron.errors import UserError
 
 
 @dataclass
@@ -65,15 +66,15 @@ class DemoConfig:
         """ValueError naming the offending field."""
         self.task.validate()
         if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+            raise UserError(f"alpha must be in (0, 1], got {self.alpha}")
         for name in ("sft", "redi"):
             b: StageBudget = getattr(self, name)
             if b.steps < 1 or b.global_batch_size < 1 or b.lr <= 0 or b.tp < 1:
-                raise ValueError(f"{name}: steps, global_batch_size, tp must be >= 1 and lr > 0, got {b}")
+                raise UserError(f"{name}: steps, global_batch_size, tp must be >= 1 and lr > 0, got {b}")
         if self.num_train_problems < 10 or self.eval.num_problems < 1 or self.eval.samples_per_problem < 1:
-            raise ValueError("need >= 10 training problems, >= 1 eval problem and >= 1 sample per problem")
+            raise UserError("need >= 10 training problems, >= 1 eval problem and >= 1 sample per problem")
         if self.eval.backend not in ("hf", "vllm"):
-            raise ValueError(f"eval.backend must be 'hf' or 'vllm', got {self.eval.backend!r}")
+            raise UserError(f"eval.backend must be 'hf' or 'vllm', got {self.eval.backend!r}")
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict
 
 from redi_megatron.demo.tokenizer import ENDOFTEXT, IM_END
+from redi_megatron.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,12 @@ class DemoModelSpec:
     def validate(self, tokenizer_size: int) -> None:
         """ValueError when the tokenizer does not fit or TP=2 could not shard the model."""
         if tokenizer_size > self.vocab_size:
-            raise ValueError(f"DemoModelSpec.vocab_size {self.vocab_size} < tokenizer size {tokenizer_size}")
+            raise UserError(f"DemoModelSpec.vocab_size {self.vocab_size} < tokenizer size {tokenizer_size}")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError("DemoModelSpec.hidden_size must be divisible by num_attention_heads")
+            raise UserError("DemoModelSpec.hidden_size must be divisible by num_attention_heads")
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size", "vocab_size"):
             if getattr(self, name) % 2:
-                raise ValueError(f"DemoModelSpec.{name} must be even (the REDI stage runs at TP=2)")
+                raise UserError(f"DemoModelSpec.{name} must be even (the REDI stage runs at TP=2)")
 
     def num_parameters(self) -> int:
         h, f, head = self.hidden_size, self.ffn_hidden_size, self.hidden_size // self.num_attention_heads

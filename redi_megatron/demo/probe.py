@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import tempfile
 import time
@@ -121,9 +120,9 @@ def throughput(args: argparse.Namespace) -> None:
     import torch
     from transformers import Qwen2ForCausalLM
 
+    from redi_megatron.data.templates import encode_completions, encode_prompts
     from redi_megatron.demo.teacher import TaskConfig, teacher_rows
     from redi_megatron.demo.tokenizer import build_tokenizer
-    from redi_megatron.data.templates import encode_completions, encode_prompts
 
     torch.set_num_threads(args.threads)
     tok = build_tokenizer()

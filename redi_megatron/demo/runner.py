@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+from redi_megatron.errors import UserError
+
 STATE_FILE = "demo_state.json"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -174,7 +176,7 @@ def load_state(out: str) -> Dict[str, Any]:
         try:
             return json.load(f)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); delete it to start over") from None
+            raise UserError(f"{path}: not valid JSON ({exc}); delete it to start over") from None
 
 
 def save_state(out: str, state: Dict[str, Any]) -> None:
@@ -228,7 +230,7 @@ def run_stages(stages: Sequence[Stage], ctx: Context, config: Dict[str, Any], re
     state = load_state(ctx.out)
     if state and state.get("config") != config:
         diff = "; ".join(config_differences(state.get("config"), config)[:8])
-        raise ValueError(f"{ctx.out} holds a demo run with other settings ({diff}); use another --out or "
+        raise UserError(f"{ctx.out} holds a demo run with other settings ({diff}); use another --out or "
                          "pass --restart to start this directory over")
     done: Dict[str, Any] = state.get("stages", {})
     for name in downstream(stages, redo):

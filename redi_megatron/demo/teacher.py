@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from redi_megatron.data.synthetic import openr1_row, write_jsonl
+from redi_megatron.errors import UserError
 
 ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format",
                "box_slip")
@@ -86,22 +87,22 @@ class TaskConfig:
     def validate(self) -> None:
         """ValueError naming the offending field."""
         if not 1 <= self.min_digits <= self.max_digits <= MAX_DIGITS:
-            raise ValueError(f"TaskConfig: need 1 <= min_digits <= max_digits <= {MAX_DIGITS}, got "
+            raise UserError(f"TaskConfig: need 1 <= min_digits <= max_digits <= {MAX_DIGITS}, got "
                              f"{self.min_digits}, {self.max_digits}")
         if self.generations < 1:
-            raise ValueError(f"TaskConfig.generations must be >= 1, got {self.generations}")
+            raise UserError(f"TaskConfig.generations must be >= 1, got {self.generations}")
         for name in ("error_rate", "judge_strict_rate", "judge_null_rate", "mv_parse_fail_rate"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
-                raise ValueError(f"TaskConfig.{name} must be in [0, 1], got {v}")
+                raise UserError(f"TaskConfig.{name} must be in [0, 1], got {v}")
         for name in ("error_weights", "judge_fooled_rate"):
             v = getattr(self, name)
             if len(v) != len(ERROR_MODES):
-                raise ValueError(f"TaskConfig.{name} needs one value per mode {ERROR_MODES}, got {v}")
+                raise UserError(f"TaskConfig.{name} needs one value per mode {ERROR_MODES}, got {v}")
         if any(w < 0 for w in self.error_weights) or sum(self.error_weights) <= 0:
-            raise ValueError(f"TaskConfig.error_weights must be >= 0 with a positive sum, got {self.error_weights}")
+            raise UserError(f"TaskConfig.error_weights must be >= 0 with a positive sum, got {self.error_weights}")
         if any(not 0.0 <= p <= 1.0 for p in self.judge_fooled_rate):
-            raise ValueError(f"TaskConfig.judge_fooled_rate values must be in [0, 1], got {self.judge_fooled_rate}")
+            raise UserError(f"TaskConfig.judge_fooled_rate values must be in [0, 1], got {self.judge_fooled_rate}")
 
 
 @dataclass
@@ -131,7 +132,7 @@ def sample_problems(rng: random.Random, cfg: TaskConfig, count: int,
     space = (10**cfg.max_digits - lo) ** 2
     seen = {tuple(sorted(p)) for p in exclude}
     if count > (space - len(seen)) // 2:
-        raise ValueError(f"cannot draw {count} distinct problems with {cfg.min_digits}-{cfg.max_digits} digit "
+        raise UserError(f"cannot draw {count} distinct problems with {cfg.min_digits}-{cfg.max_digits} digit "
                          f"operands ({len(seen)} excluded); use more digits or fewer problems")
     out: List[Tuple[int, int]] = []
     while len(out) < count:

@@ -19,6 +19,7 @@ import random
 from typing import Any, Iterable, List, Optional
 
 from redi_megatron.data.templates import QWEN_MATH_SYSTEM_PROMPT
+from redi_megatron.errors import UserError
 
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 THINK, END_THINK = "<think>", "</think>"
@@ -71,7 +72,7 @@ def build_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, corpus: Optional[Itera
 
     added = len(SPECIAL_TOKENS) + len(THINK_TOKENS)
     if vocab_size < 256 + added:
-        raise ValueError(f"vocab_size must be >= {256 + added} (bytes + added tokens), got {vocab_size}")
+        raise UserError(f"vocab_size must be >= {256 + added} (bytes + added tokens), got {vocab_size}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN2_SPLIT_PATTERN), behavior="isolated"),

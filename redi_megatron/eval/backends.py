@@ -17,6 +17,8 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from redi_megatron.errors import MissingDependency, UserError
+
 SampleKey = tuple[str, str, int]  # (benchmark, problem id, sample index)
 
 
@@ -62,7 +64,7 @@ def stop_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
         if token in vocab:
             ids.add(int(vocab[token]))
     if not ids:
-        raise ValueError("the tokenizer has no EOS / <|im_end|> token; generation would never stop")
+        raise UserError("the tokenizer has no EOS / <|im_end|> token; generation would never stop")
     return sorted(ids)
 
 
@@ -197,7 +199,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as exc:
-        raise ImportError(
+        raise MissingDependency(
             "the vLLM backend needs vllm, which is not installed: pip install 'redi-megatron[eval]' "
             "(or pip install vllm in your GPU container); use --backend hf for the transformers fallback"
         ) from exc

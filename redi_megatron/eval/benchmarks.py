@@ -24,6 +24,8 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from redi_megatron.errors import UserError
+
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 BENCHMARK_FILES = {
@@ -53,12 +55,12 @@ def resolve_name(name: str) -> tuple[str, str]:
     name = name.strip()
     if name.endswith(".jsonl"):
         if not os.path.isfile(name):
-            raise ValueError(f"benchmark file {name} does not exist")
+            raise UserError(f"benchmark file {name} does not exist")
         return os.path.splitext(os.path.basename(name))[0], name
     key = ALIASES.get(name, name)
     if key not in BENCHMARK_FILES:
         known = ", ".join(list(BENCHMARK_FILES) + list(ALIASES))
-        raise ValueError(f"unknown benchmark {name!r}; known: {known}, or a path to a .jsonl file")
+        raise UserError(f"unknown benchmark {name!r}; known: {known}, or a path to a .jsonl file")
     return key, os.path.join(DATA_DIR, BENCHMARK_FILES[key])
 
 
@@ -66,11 +68,11 @@ def _answers_of(row: dict, where: str) -> tuple[str, ...]:
     if "answers" in row:
         answers = row["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a.strip() for a in answers):
-            raise ValueError(f"{where}: 'answers' must be a non-empty list of non-empty strings, got {answers!r}")
+            raise UserError(f"{where}: 'answers' must be a non-empty list of non-empty strings, got {answers!r}")
         return tuple(answers)
     answer = row.get("answer")
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
+        raise UserError(f"{where}: 'answer' must be a non-empty string, got {answer!r}")
     return (answer,)
 
 
@@ -87,22 +89,22 @@ def load_benchmark(name: str, limit: Optional[int] = None) -> list[Problem]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc})") from None
+                raise UserError(f"{where}: not valid JSON ({exc})") from None
             if not isinstance(row, dict) or "id" not in row:
-                raise ValueError(f"{where}: expected an object with an 'id' field")
+                raise UserError(f"{where}: expected an object with an 'id' field")
             pid = str(row["id"])
             if pid in seen:
-                raise ValueError(f"{where}: duplicate id {pid!r}")
+                raise UserError(f"{where}: duplicate id {pid!r}")
             seen.add(pid)
             text = row.get("problem")
             if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{where}: 'problem' must be a non-empty string")
+                raise UserError(f"{where}: 'problem' must be a non-empty string")
             problems.append(Problem(bench, pid, text, _answers_of(row, where)))
     if not problems:
-        raise ValueError(f"{path}: no problems")
+        raise UserError(f"{path}: no problems")
     if limit is not None:
         if limit < 1:
-            raise ValueError(f"limit must be >= 1, got {limit}")
+            raise UserError(f"limit must be >= 1, got {limit}")
         problems = problems[:limit]
     return problems
 
@@ -114,6 +116,6 @@ def load_benchmarks(names: list[str], limit: Optional[int] = None) -> dict[str, 
         problems = load_benchmark(name, limit)
         bench = problems[0].benchmark
         if bench in out:
-            raise ValueError(f"benchmark {bench!r} listed twice in {names}")
+            raise UserError(f"benchmark {bench!r} listed twice in {names}")
         out[bench] = problems
     return out

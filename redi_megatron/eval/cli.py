@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from typing import Optional, Sequence
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS
 from redi_megatron.eval.config import BACKENDS, DTYPES, EvalConfig
 from redi_megatron.eval.grading import GRADERS
@@ -85,7 +86,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from redi_megatron.eval.runner import run_eval
 
         report = run_eval(cfg)
-    except (ValueError, ImportError) as exc:  # bad input, or the vLLM backend without vllm installed
+    except UserError as exc:  # bad input, or the vLLM backend without vllm installed
         parser.exit(2, f"redi-eval: error: {exc}\n")
     from redi_megatron.eval.report import render_markdown
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import SamplingConfig
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS
 from redi_megatron.eval.grading import DEFAULT_TIMEOUT_S, GRADERS
@@ -95,7 +96,7 @@ class EvalConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(f"EvalConfig: {message}")
+                raise UserError(f"EvalConfig: {message}")
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(template=self.template, chat_format=self.chat_format,

@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 
 from tqdm import tqdm
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.timeouts import GradeTimeout, deadline
 
 GRADERS = ("rllm", "math_verify")
@@ -44,10 +45,10 @@ class GradeResult:
 
 def _check_args(grader: str, gold: Gold) -> None:
     if grader not in GRADERS:
-        raise ValueError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
+        raise UserError(f"unknown grader {grader!r}; choose one of {', '.join(GRADERS)}")
     golds = [gold] if isinstance(gold, str) else list(gold)
     if not golds or not all(isinstance(g, str) for g in golds):
-        raise ValueError(f"gold must be a string or a non-empty list of strings, got {gold!r}")
+        raise UserError(f"gold must be a string or a non-empty list of strings, got {gold!r}")
 
 
 def _grade_fn(grader: str):
@@ -155,7 +156,7 @@ class GradingPool:
     ) -> None:
         self.num_workers = (os.cpu_count() or 1) if workers is None else workers
         if self.num_workers < 0:
-            raise ValueError(f"workers must be >= 0, got {workers}")
+            raise UserError(f"workers must be >= 0, got {workers}")
         self.timeout = timeout
         self.kill_grace = kill_grace
         self._ctx = mp.get_context(start_method)

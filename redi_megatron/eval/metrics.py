@@ -17,6 +17,8 @@ from typing import Sequence
 
 import numpy as np
 
+from redi_megatron.errors import UserError
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one problem with ``c`` correct out of ``n`` samples.
@@ -27,9 +29,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     try:
         n, c, k = operator.index(n), operator.index(c), operator.index(k)
     except TypeError:
-        raise ValueError(f"pass_at_k needs integers, got n={n!r}, c={c!r}, k={k!r}") from None
+        raise UserError(f"pass_at_k needs integers, got n={n!r}, c={c!r}, k={k!r}") from None
     if n < 1 or not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass_at_k needs n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
+        raise UserError(f"pass_at_k needs n >= 1, 0 <= c <= n, 1 <= k <= n; got n={n}, c={c}, k={k}")
     if n - c < k:
         return 1.0
     miss = 1.0
@@ -85,10 +87,10 @@ def summarize_average(per_benchmark: dict[str, np.ndarray]) -> dict:
     scores, so the SEM reflects how the n runs vary as a whole. All benchmarks need the same n.
     """
     if not per_benchmark:
-        raise ValueError("no benchmarks to average")
+        raise UserError("no benchmarks to average")
     ns = {name: v.shape[1] for name, v in per_benchmark.items()}
     if len(set(ns.values())) != 1:
-        raise ValueError(f"benchmarks have different sample counts {ns}; cannot average")
+        raise UserError(f"benchmarks have different sample counts {ns}; cannot average")
     n = next(iter(ns.values()))
     scores = np.mean([per_sample_scores(np.asarray(v, dtype=np.float64)) for v in per_benchmark.values()], axis=0)
     std = float(np.std(scores))

@@ -31,6 +31,7 @@ from redi_megatron.data.templates import (
     render_eval_prompt,
     render_prompt,
 )
+from redi_megatron.errors import UserError
 
 RLLM_MATH_QUERY_TEMPLATE = (
     "Solve the following math problem efficiently and clearly.  The last line of your response should be of "
@@ -58,9 +59,9 @@ class PromptConfig:
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
-            raise ValueError(f"unknown prompt template {self.template!r}; choose one of {TEMPLATES}")
+            raise UserError(f"unknown prompt template {self.template!r}; choose one of {TEMPLATES}")
         if self.chat_format not in CHAT_FORMATS:
-            raise ValueError(f"unknown chat format {self.chat_format!r}; choose one of {CHAT_FORMATS}")
+            raise UserError(f"unknown chat format {self.chat_format!r}; choose one of {CHAT_FORMATS}")
 
 
 def user_message(problem: str, template: str) -> str:
@@ -84,12 +85,12 @@ def render(problem: str, cfg: PromptConfig, tokenizer: Any = None) -> str:
     user = user_message(problem, cfg.template)
     control = find_control_token(user)
     if control is not None:
-        raise ValueError(f"problem text contains the chat control token {control!r}: {problem[:80]!r}")
+        raise UserError(f"problem text contains the chat control token {control!r}: {problem[:80]!r}")
     if cfg.chat_format == "qwen":
         tcfg = TemplateConfig(system_prompt=_system(cfg))
         return render_eval_prompt(user, tcfg) if cfg.force_think else render_prompt(user, tcfg)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("chat_format='tokenizer' needs a tokenizer with a chat template; use chat_format='qwen'")
+        raise UserError("chat_format='tokenizer' needs a tokenizer with a chat template; use chat_format='qwen'")
     messages = [{"role": "user", "content": user}]
     # rllm sends only the user turn; the paper's template states the system prompt explicitly.
     system = _system(cfg) if cfg.template == "paper" or cfg.system_prompt is not None else None

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.benchmarks import Problem
 from redi_megatron.eval.metrics import summarize, summarize_average
 from redi_megatron.eval.samples import SampleStore
@@ -22,7 +23,7 @@ def verdict_matrix(problems: Sequence[Problem], store: SampleStore, n: int) -> t
         for j in range(n):
             record = store.get((p.benchmark, p.id, j))
             if record is None:
-                raise ValueError(f"{store.path}: no sample {j} of {p.benchmark} problem {p.id}; rerun to generate it")
+                raise UserError(f"{store.path}: no sample {j} of {p.benchmark} problem {p.id}; rerun to generate it")
             verdicts[i, j] = float(bool(record["correct"]))
             records.append(record)
     return verdicts, records

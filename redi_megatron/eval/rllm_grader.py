@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.timeouts import InnerTimeout, deadline
 
 THINK_END = "</think>"
@@ -135,7 +136,7 @@ def _drop_right_units(s: str) -> str:
         return s
     parts = s.split("\\text{ ")
     if len(parts) != 2:
-        raise ValueError("several \\text{ units")
+        raise UserError("several \\text{ units")
     return parts[0]
 
 

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 
 from tqdm import tqdm
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import Completion, HFBackend, Request, VLLMBackend, sample_seed, vllm_available
 from redi_megatron.eval.benchmarks import Problem, load_benchmarks
 from redi_megatron.eval.config import PROTOCOL_FIELDS, EvalConfig
@@ -68,7 +69,7 @@ def check_run_config(cfg: EvalConfig) -> dict:
         changed = {k: (stored.get(k), current[k]) for k in PROTOCOL_FIELDS if stored.get(k) != current[k]}
         if changed:
             details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
-            raise ValueError(f"{path}: this output directory holds samples from a different protocol ({details}); "
+            raise UserError(f"{path}: this output directory holds samples from a different protocol ({details}); "
                              "use a new --out directory")
     with open(path, "w", encoding="utf-8") as f:
         json.dump(current, f, indent=2)
@@ -243,7 +244,7 @@ def launch_shards(cfg: EvalConfig) -> list[str]:
     dp, tp = cfg.data_parallel_size, cfg.tensor_parallel_size
     gpus = _visible_gpus()
     if resolve_backend(cfg) == "vllm" and len(gpus) < dp * tp:
-        raise ValueError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs, "
+        raise UserError(f"data_parallel_size {dp} x tensor_parallel_size {tp} needs {dp * tp} GPUs, "
                          f"{len(gpus)} visible")
     shard_dir = os.path.join(cfg.out, SHARD_DIR)
     os.makedirs(shard_dir, exist_ok=True)

@@ -12,6 +12,7 @@ import os
 import warnings
 from typing import Iterable, Optional
 
+from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import SampleKey
 
 REQUIRED_FIELDS = ("benchmark", "problem_id", "sample_index", "response", "correct", "grader")
@@ -36,12 +37,12 @@ def read_jsonl_records(path: str, repair_tail: bool = False) -> list[dict]:
         try:
             record = json.loads(raw)
             if not isinstance(record, dict) or any(k not in record for k in REQUIRED_FIELDS):
-                raise ValueError(f"missing one of {REQUIRED_FIELDS}")
+                raise UserError(f"missing one of {REQUIRED_FIELDS}")
             record_key(record)
         except ValueError as exc:  # JSONDecodeError is a ValueError
             is_last = all(not rest.strip() for rest in lines[line_no:])
             if not is_last:
-                raise ValueError(f"{path} line {line_no}: bad sample record ({exc})") from None
+                raise UserError(f"{path} line {line_no}: bad sample record ({exc})") from None
             warnings.warn(f"{path} line {line_no}: dropping a torn last line ({len(raw)} bytes) "
                           "left by an interrupted run; that sample will be regenerated")
             if repair_tail:
@@ -62,7 +63,7 @@ class SampleStore:
         for record in read_jsonl_records(path, repair_tail=True):
             key = record_key(record)
             if key in self.records:
-                raise ValueError(f"{path}: sample {key} appears twice")
+                raise UserError(f"{path}: sample {key} appears twice")
             self.records[key] = record
 
     def __contains__(self, key: SampleKey) -> bool:
@@ -77,7 +78,7 @@ class SampleStore:
         for record in records:
             key = record_key(record)
             if key in self.records:
-                raise ValueError(f"sample {key} is already in {self.path}")
+                raise UserError(f"sample {key} is already in {self.path}")
         with open(self.path, "a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")

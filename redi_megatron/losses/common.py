@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import math
-
 from typing import Callable, Optional
 
 import torch
 
+from redi_megatron.errors import UserError
 from redi_megatron.losses.registry import LossInputs
 
 
@@ -107,4 +107,4 @@ def compute_pair_loss(inputs: LossInputs, loss_fn: Callable[..., tuple[torch.Ten
 
 def check_sft_weight(loss: str, sft_weight: float) -> None:
     if not (math.isfinite(sft_weight) and sft_weight >= 0):
-        raise ValueError(f"{loss}: sft_weight must be finite and >= 0, got {sft_weight}")
+        raise UserError(f"{loss}: sft_weight must be finite and >= 0, got {sft_weight}")

@@ -15,7 +15,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from redi_megatron.losses.common import check_lengths, check_pair_tensors, check_sft_weight, compute_pair_loss, pair_metrics
+from redi_megatron.errors import UserError
+from redi_megatron.losses.common import (
+    check_lengths,
+    check_pair_tensors,
+    check_sft_weight,
+    compute_pair_loss,
+    pair_metrics,
+)
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
 
 
@@ -30,7 +37,7 @@ class DPOConfig:
     def __post_init__(self) -> None:
         check_sft_weight("dpo", self.sft_weight)
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"dpo: beta must be finite and > 0, got {self.beta}")
+            raise UserError(f"dpo: beta must be finite and > 0, got {self.beta}")
 
 
 def dpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, ref_chosen_logps: torch.Tensor,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from redi_megatron.errors import UserError
 from redi_megatron.losses.common import gather_pairs, normalized_pair_logps, pair_metrics, summarize
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec, register_loss
 
@@ -34,11 +35,11 @@ class RediConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"redi: alpha must be in [0, 1] (paper: 0.8), got {self.alpha}")
+            raise UserError(f"redi: alpha must be in [0, 1] (paper: 0.8), got {self.alpha}")
         if not (math.isfinite(self.chosen_coef) and self.chosen_coef >= 0):
-            raise ValueError(f"redi: chosen_coef must be finite and >= 0, got {self.chosen_coef}")
+            raise UserError(f"redi: chosen_coef must be finite and >= 0, got {self.chosen_coef}")
         if not (math.isfinite(self.neg_weighting_gamma) and self.neg_weighting_gamma >= 0):
-            raise ValueError(f"redi: neg_weighting_gamma must be finite and >= 0, got {self.neg_weighting_gamma}")
+            raise UserError(f"redi: neg_weighting_gamma must be finite and >= 0, got {self.neg_weighting_gamma}")
 
 
 def _neg_weight(rejected_norm: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from redi_megatron.errors import UserError
 from redi_megatron.losses.common import check_sft_weight, compute_pair_loss, normalized_pair_logps, pair_metrics
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
 
@@ -28,9 +29,9 @@ class SimPOConfig:
     def __post_init__(self) -> None:
         check_sft_weight("simpo", self.sft_weight)
         if not (math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"simpo: beta must be finite and > 0, got {self.beta}")
+            raise UserError(f"simpo: beta must be finite and > 0, got {self.beta}")
         if not math.isfinite(self.gamma):
-            raise ValueError(f"simpo: gamma must be finite, got {self.gamma}")
+            raise UserError(f"simpo: gamma must be finite, got {self.gamma}")
 
 
 def simpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, chosen_lengths: torch.Tensor,

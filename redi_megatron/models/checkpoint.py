@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.outputs import check_output, discard, publish, staging_dir, staging_path
 from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
@@ -51,14 +52,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     for name, value in _DTYPES.items():
         if value == dtype:
             return name
-    raise ValueError(f"unsupported checkpoint dtype {dtype}; use one of {sorted(_DTYPES)}")
+    raise UserError(f"unsupported checkpoint dtype {dtype}; use one of {sorted(_DTYPES)}")
 
 
 def dtype_from_name(name: str, where: str = "dtype") -> torch.dtype:
     aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
     key = aliases.get(name, name)
     if key not in _DTYPES:
-        raise ValueError(f"{where}: unknown dtype {name!r}; use one of {sorted(_DTYPES) + sorted(aliases)}")
+        raise UserError(f"{where}: unknown dtype {name!r}; use one of {sorted(_DTYPES) + sorted(aliases)}")
     return _DTYPES[key]
 
 
@@ -69,7 +70,7 @@ def dtype_from_name(name: str, where: str = "dtype") -> torch.dtype:
 def model_config_from_dict(data: Mapping[str, Any], where: str) -> ModelConfig:
     """``ModelConfig`` from a JSON object; unknown fields are an error (``where`` names the file)."""
     if not isinstance(data, Mapping):
-        raise ValueError(f"{where}: expected a JSON object of ModelConfig fields")
+        raise UserError(f"{where}: expected a JSON object of ModelConfig fields")
     return from_mapping(ModelConfig, data, source=where)
 
 
@@ -80,11 +81,11 @@ def read_json(path: Path, missing: str = "") -> Any:
     """The JSON in ``path``; ValueError naming the file when it is missing (``missing`` says what that
     means) or not valid JSON."""
     if not path.is_file():
-        raise ValueError(f"{path} is missing" + (f": {missing}" if missing else ""))
+        raise UserError(f"{path} is missing" + (f": {missing}" if missing else ""))
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+        raise UserError(f"{path} is not valid JSON: {e}") from e
 
 
 def read_model_config(ckpt_dir: str | Path) -> ModelConfig:
@@ -98,9 +99,9 @@ def read_meta(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / META_FILE
     meta = read_json(path, NOT_A_CHECKPOINT)
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
-        raise ValueError(f"{path}: field 'format' must be {FORMAT_NAME!r}")
+        raise UserError(f"{path}: field 'format' must be {FORMAT_NAME!r}")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
+        raise UserError(f"{path}: format_version {meta.get('format_version')!r} is not supported "
                          f"(this redi-megatron reads version {FORMAT_VERSION})")
     return meta
 
@@ -161,11 +162,11 @@ def _check_model_matches(chunks: Sequence[torch.nn.Module], cfg: ModelConfig, wh
     }
     for name, model_value in pairs.items():
         if getattr(cfg, name) != model_value:
-            raise ValueError(f"{where}: checkpoint has {name}={getattr(cfg, name)!r} but the model being "
+            raise UserError(f"{where}: checkpoint has {name}={getattr(cfg, name)!r} but the model being "
                              f"loaded has {model_value!r}")
     padded = cfg.padded_vocab_size(tc.tensor_model_parallel_size)
     if padded != module.vocab_size:
-        raise ValueError(f"{where}: checkpoint vocabulary pads to {padded} rows at TP="
+        raise UserError(f"{where}: checkpoint vocabulary pads to {padded} rows at TP="
                          f"{tc.tensor_model_parallel_size} but the model has {module.vocab_size}")
 
 
@@ -180,9 +181,9 @@ def _check_shapes(sharded: Mapping[str, Any], model_dir: Path) -> None:
             if not isinstance(value, ShardedTensor):
                 continue  # factories (gated fc1) and objects are checked by dist_checkpointing itself
             if value.key not in stored:
-                raise ValueError(f"{model_dir}: checkpoint has no tensor {value.key!r}")
+                raise UserError(f"{model_dir}: checkpoint has no tensor {value.key!r}")
             if tuple(stored[value.key].global_shape) != tuple(value.global_shape):
-                raise ValueError(f"{model_dir}: tensor {value.key!r} has shape "
+                raise UserError(f"{model_dir}: tensor {value.key!r} has shape "
                                  f"{tuple(stored[value.key].global_shape)} in the checkpoint but "
                                  f"{tuple(value.global_shape)} in the model")
 
@@ -243,7 +244,7 @@ def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict
 
     path = Path(ckpt_dir) / name
     if not (path / "metadata.json").is_file():
-        raise ValueError(f"{path} is not a dist_checkpointing directory (no metadata.json)")
+        raise UserError(f"{path} is not a dist_checkpointing directory (no metadata.json)")
     return dist_checkpointing.load(sharded_state_dict, str(path))
 
 
@@ -305,7 +306,7 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
             raise ValueError(f"extra_sharded name {name!r} is reserved or not a plain identifier")
     tok_files = passthrough_files(tokenizer_dir) if tokenizer_dir is not None else []
     if tokenizer_dir is not None and not tok_files:
-        raise ValueError(f"tokenizer_dir {tokenizer_dir} has none of the files "
+        raise UserError(f"tokenizer_dir {tokenizer_dir} has none of the files "
                          f"{TOKENIZER_FILES + HF_SIDE_FILES}")
     meta = _meta(chunks, model_cfg, extra_meta, list(extra))
     json.dumps(meta)  # fail before writing anything if extra_meta is not JSON-serialisable

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
+from redi_megatron.errors import UserError
+
 if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
     import torch
 
@@ -34,15 +36,15 @@ class ModelConfig:
 
     def validate(self, tp: int = 1) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
+            raise UserError(f"model.family must be one of {FAMILIES}, got {self.family!r}")
         if self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple "
+            raise UserError(f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple "
                              f"of model.num_query_groups ({self.num_query_groups})")
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             if getattr(self, name) % tp:
-                raise ValueError(f"parallel.tp={tp} does not divide model.{name}={getattr(self, name)}")
+                raise UserError(f"parallel.tp={tp} does not divide model.{name}={getattr(self, name)}")
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
-            raise ValueError("model.hidden_size must be divisible by model.num_attention_heads "
+            raise UserError("model.hidden_size must be divisible by model.num_attention_heads "
                              "(or set model.kv_channels)")
 
     @property
@@ -73,15 +75,15 @@ class ParallelConfig:
 
     def validate(self, world_size: int, model: ModelConfig) -> None:
         if world_size % (self.tp * self.pp * self.cp):
-            raise ValueError(f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
+            raise UserError(f"world size {world_size} is not divisible by parallel.tp*pp*cp = "
                              f"{self.tp}*{self.pp}*{self.cp}")
         model.validate(self.tp)
         layers_per_rank = model.num_layers / self.pp / (self.vpp or 1)
         if layers_per_rank != int(layers_per_rank):
-            raise ValueError(f"model.num_layers={model.num_layers} is not divisible by parallel.pp"
+            raise UserError(f"model.num_layers={model.num_layers} is not divisible by parallel.pp"
                              f"{'*vpp' if self.vpp else ''}={self.pp * (self.vpp or 1)}")
         if self.sequence_parallel and self.tp == 1:
-            raise ValueError("parallel.sequence_parallel needs parallel.tp > 1")
+            raise UserError("parallel.sequence_parallel needs parallel.tp > 1")
 
     def seq_multiple(self) -> int:
         """Every row length must be a multiple of this (CP load-balancing, SP scatter)."""

@@ -9,6 +9,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from redi_megatron.errors import UserError
+
 
 class SPRMSNorm(torch.nn.RMSNorm):
     """``torch.nn.RMSNorm`` that accepts sequence parallelism (Megatron's torch-norm wrapper refuses it).
@@ -32,7 +34,7 @@ def have_transformer_engine() -> bool:
 
 def require_transformer_engine(feature: str) -> None:
     if not have_transformer_engine():
-        raise ValueError(f"{feature} needs Transformer Engine (pip extra 'gpu', or an NGC PyTorch "
+        raise UserError(f"{feature} needs Transformer Engine (pip extra 'gpu', or an NGC PyTorch "
                          f"container); it is not importable here")
 
 

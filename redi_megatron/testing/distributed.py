@@ -111,8 +111,9 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
     layout = Layout(tp=tp, pp=pp, cp=cp, vpp=vpp)
     layout.dp(world_size)
     # Import Megatron once in the parent so every fork inherits it (saves ~1.5 s per rank).
-    import redi_megatron.parallel.state  # noqa: F401
     import megatron.core.pipeline_parallel  # noqa: F401
+
+    import redi_megatron.parallel.state  # noqa: F401
     ctx = mp.get_context("fork")
     port = _free_port()
     procs, conns = [], []

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from redi_megatron.errors import UserError
 from redi_megatron.parallel.collectives import barrier, broadcast_object, count_over_world, is_global_rank_zero
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -94,12 +95,11 @@ def _prune(save_dir: str, keep_last: int) -> None:
 
 def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from ``path``; returns the trainer state dict."""
-    from redi_megatron.models.checkpoint import (load_extra_sharded, load_model_checkpoint,
-                                                 model_sharded_state_dict)
+    from redi_megatron.models.checkpoint import load_extra_sharded, load_model_checkpoint, model_sharded_state_dict
 
     meta = load_model_checkpoint(c.chunks, path)
     if "trainer" not in meta:
-        raise ValueError(f"{path} is a model checkpoint without trainer state; use it as "
+        raise UserError(f"{path} is a model checkpoint without trainer state; use it as "
                          f"checkpoint.init_from instead of resuming from it")
     # Without apex/TE the optimizer can only describe its state once it has some: give it placeholder
     # state (megatron's own helper: one step on zero gradients), which the load then overwrites.

@@ -5,6 +5,8 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
+from redi_megatron.errors import UserError
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -29,7 +31,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from redi_megatron.training.trainer import train
 
         summary = train(cfg)
-    except ValueError as err:  # user errors: one clear line, no traceback
+    except UserError as err:  # user errors: one clear line; anything else keeps its traceback
         print(f"redi-train: error: {err}", file=sys.stderr)
         return 2
     finally:

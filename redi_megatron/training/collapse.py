@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
 from redi_megatron.config.schema import CollapseConfig
+from redi_megatron.errors import UserError
 
 CHOSEN_KEY = "chosen_logps_norm"      # mean per-token log-prob of the chosen traces (losses.common)
 REJECTED_KEY = "rejected_logps_norm"  # same for the rejected traces
@@ -54,13 +55,13 @@ class CollapseVerdict:
 def validate_collapse_config(cfg: CollapseConfig) -> None:
     """ValueError naming the ``logging.collapse`` field that is out of range."""
     if cfg.action not in CONFIG_ACTIONS:
-        raise ValueError(f"logging.collapse.action must be one of {CONFIG_ACTIONS}, got {cfg.action!r}")
+        raise UserError(f"logging.collapse.action must be one of {CONFIG_ACTIONS}, got {cfg.action!r}")
     if cfg.window < 2:
-        raise ValueError(f"logging.collapse.window must be >= 2 steps, got {cfg.window}")
+        raise UserError(f"logging.collapse.window must be >= 2 steps, got {cfg.window}")
     if not (math.isfinite(cfg.logp_drop) and cfg.logp_drop > 0):
-        raise ValueError(f"logging.collapse.logp_drop must be > 0 nats/token, got {cfg.logp_drop}")
+        raise UserError(f"logging.collapse.logp_drop must be > 0 nats/token, got {cfg.logp_drop}")
     if not (math.isfinite(cfg.update_norm_spike) and cfg.update_norm_spike > 1):
-        raise ValueError(f"logging.collapse.update_norm_spike must be > 1 (a multiple of the median), "
+        raise UserError(f"logging.collapse.update_norm_spike must be > 1 (a multiple of the median), "
                          f"got {cfg.update_norm_spike}")
 
 

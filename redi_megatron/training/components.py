@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.errors import UserError
 from redi_megatron.losses.registry import LossSpec, get_loss
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.parallel.state import ParallelGroups
@@ -48,15 +49,15 @@ def resolve_init_checkpoint(path: str) -> str:
     from redi_megatron.training.checkpointing import checkpoints_dir, latest_checkpoint
 
     if not os.path.isdir(path):
-        raise ValueError(f"checkpoint.init_from: {path!r} is not a directory")
+        raise UserError(f"checkpoint.init_from: {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, "model_config.json")):
         return path
     if checkpoints_dir(path).is_dir():
         newest = latest_checkpoint(path)
         if newest is None:
-            raise ValueError(f"checkpoint.init_from: run directory {path!r} has no complete checkpoint")
+            raise UserError(f"checkpoint.init_from: run directory {path!r} has no complete checkpoint")
         return str(newest)
-    raise ValueError(f"checkpoint.init_from: {path!r} is neither a model checkpoint (model_config.json) "
+    raise UserError(f"checkpoint.init_from: {path!r} is neither a model checkpoint (model_config.json) "
                      f"nor a run directory (checkpoints/)")
 
 
@@ -75,9 +76,9 @@ def resolve_tokenizer_dir(cfg: RunConfig) -> str:
     elif cfg.checkpoint.init_from:
         path = os.path.join(resolve_init_checkpoint(cfg.checkpoint.init_from), "tokenizer")
     else:
-        raise ValueError("data.tokenizer is empty and checkpoint.init_from has no tokenizer/: set one")
+        raise UserError("data.tokenizer is empty and checkpoint.init_from has no tokenizer/: set one")
     if not os.path.isdir(path):
-        raise ValueError(f"tokenizer directory {path!r} does not exist (data.tokenizer or "
+        raise UserError(f"tokenizer directory {path!r} does not exist (data.tokenizer or "
                          f"checkpoint.init_from/tokenizer)")
     return path
 
@@ -86,15 +87,15 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
     """Fail fast, before any process group or model exists, on config errors the schema's types cannot
     express (the loader has already checked every type and enumerated value)."""
     if not cfg.data.train_path:
-        raise ValueError("data.train_path is required")
+        raise UserError("data.train_path is required")
     if not os.path.exists(cfg.data.train_path):
-        raise ValueError(f"data.train_path: {cfg.data.train_path!r} does not exist")
+        raise UserError(f"data.train_path: {cfg.data.train_path!r} does not exist")
     spec = get_loss(cfg.loss.name)
     hparams = spec.make_hparams(cfg.loss.params)
     model_cfg = resolve_model_config(cfg)
     cfg.parallel.validate(world_size, model_cfg)
     if cfg.data.micro_batch_tokens % sequence_multiple(cfg):
-        raise ValueError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
+        raise UserError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
                          f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; 16 with FP8)")
     return model_cfg, spec, hparams
 
@@ -107,9 +108,13 @@ def sequence_multiple(cfg: RunConfig) -> int:
 
 
 def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: ParallelGroups):
-    from redi_megatron.data import (PackedStepSampler, PackingConfig, build_pair_dataset,
-                                    build_sft_dataset, load_tokenizer)
-
+    from redi_megatron.data import (
+        PackedStepSampler,
+        PackingConfig,
+        build_pair_dataset,
+        build_sft_dataset,
+        load_tokenizer,
+    )
     from redi_megatron.parallel.collectives import barrier, is_global_rank_zero
 
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -149,7 +154,7 @@ def check_lengths(dataset, cfg: RunConfig) -> None:
                                 ("completion", completion, cfg.data.max_completion_tokens)):
         bad = np.nonzero((values > limit).any(axis=1))[0]
         if bad.size:
-            raise ValueError(f"{cfg.data.train_path}: {bad.size} sample(s) have a {what} longer than "
+            raise UserError(f"{cfg.data.train_path}: {bad.size} sample(s) have a {what} longer than "
                              f"data.max_{what}_tokens={limit}, e.g. sample ids {bad[:10].tolist()} "
                              f"({what} tokens {values[bad[0]].tolist()}); curate with that limit or raise it")
 
@@ -159,7 +164,7 @@ def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
     if cfg.train.max_steps is not None:
         steps = min(steps, cfg.train.max_steps)
     if steps < 1:
-        raise ValueError(f"the run has no steps (train.epochs={cfg.train.epochs}, "
+        raise UserError(f"the run has no steps (train.epochs={cfg.train.epochs}, "
                          f"{steps_per_epoch} steps per epoch, train.max_steps={cfg.train.max_steps})")
     return steps
 

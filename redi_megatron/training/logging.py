@@ -33,6 +33,7 @@ from collections import deque
 from typing import Any, Callable, Mapping, Optional, TextIO
 
 from redi_megatron.config.schema import LoggingConfig
+from redi_megatron.errors import UserError
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -82,7 +83,7 @@ def _read_records(path: str) -> tuple[list[dict], int]:
             if i == len(lines) - 1:  # no newline after it: the write did not finish
                 skipped = 1
                 break
-            raise ValueError(f"{path}: line {i + 1} is not a metrics record ({e}): {line[:120]!r}") from None
+            raise UserError(f"{path}: line {i + 1} is not a metrics record ({e}): {line[:120]!r}") from None
         records.append(rec)
     return records, skipped
 
@@ -96,7 +97,7 @@ def read_metrics(path: str) -> list[dict]:
     if os.path.isdir(path):
         path = os.path.join(path, METRICS_FILE)
     if not os.path.isfile(path):
-        raise ValueError(f"no metrics file at {path}")
+        raise UserError(f"no metrics file at {path}")
     records, _ = _read_records(path)
     by_step = {}
     for rec in records:
@@ -143,7 +144,7 @@ class MetricsLogger:
         if console not in CONSOLE_MODES:
             raise ValueError(f"console must be one of {CONSOLE_MODES}, got {console!r}")
         if cfg.log_interval < 1:
-            raise ValueError(f"logging.log_interval must be >= 1, got {cfg.log_interval}")
+            raise UserError(f"logging.log_interval must be >= 1, got {cfg.log_interval}")
         assert 0 <= start_step <= total_steps, f"start_step {start_step} outside [0, {total_steps}]"
         self.cfg, self.run_dir, self.enabled = cfg, run_dir, enabled
         self.total_steps, self.start_step, self.run_name = total_steps, start_step, run_name
@@ -188,7 +189,7 @@ class MetricsLogger:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as e:
-            raise ValueError("logging.tensorboard is true but TensorBoard is not installed "
+            raise UserError("logging.tensorboard is true but TensorBoard is not installed "
                              f"({e}); pip install tensorboard, or set logging.tensorboard=false") from None
         purge = self.start_step + 1 if self.start_step else None
         self._tb = SummaryWriter(log_dir=os.path.join(self.run_dir, TENSORBOARD_DIR), purge_step=purge,
@@ -198,7 +199,7 @@ class MetricsLogger:
         try:
             import wandb
         except ImportError:
-            raise ValueError(f"logging.wandb_project={self.cfg.wandb_project!r} but the wandb package is not "
+            raise UserError(f"logging.wandb_project={self.cfg.wandb_project!r} but the wandb package is not "
                              "installed; pip install wandb, or unset logging.wandb_project") from None
         id_file = os.path.join(self.run_dir, WANDB_ID_FILE)
         if os.path.exists(id_file):

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from redi_megatron.errors import UserError
 from redi_megatron.training.logging import METRICS_FILE, read_metrics
 
 
@@ -134,7 +135,7 @@ def plot_runs(runs: Sequence[Run], out_dir: str, smooth: int = 1) -> list[str]:
         present.append(panel)
     if not present:
         keys = sorted({k for r in runs for rec in r.records for k in rec})
-        raise ValueError(f"none of the plotted metrics is in the records (found: {', '.join(keys)})")
+        raise UserError(f"none of the plotted metrics is in the records (found: {', '.join(keys)})")
     cols = 2 if len(present) > 1 else 1
     rows = math.ceil(len(present) / cols)
     fig = Figure(figsize=(7 * cols, 3.6 * rows), dpi=100)
@@ -167,20 +168,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.smooth < 1:
-            raise ValueError(f"--smooth must be >= 1, got {args.smooth}")
+            raise UserError(f"--smooth must be >= 1, got {args.smooth}")
         labels = args.labels.split(",") if args.labels else [_label(p) for p in args.paths]
         if len(labels) != len(args.paths):
-            raise ValueError(f"--labels has {len(labels)} names for {len(args.paths)} runs")
+            raise UserError(f"--labels has {len(labels)} names for {len(args.paths)} runs")
         runs = []
         for path, label in zip(args.paths, labels):
             records = read_metrics(path)
             if not records:
-                raise ValueError(f"{path}: the metrics file has no records yet")
+                raise UserError(f"{path}: the metrics file has no records yet")
             runs.append(Run(label, records))
         first = args.paths[0]
         out = args.out or os.path.join(first if os.path.isdir(first) else os.path.dirname(first) or ".", "plots")
         written = plot_runs(runs, out, smooth=args.smooth)
-    except ValueError as e:
+    except UserError as e:
         print(f"redi-plot: error: {e}", file=sys.stderr)
         return 2
     steps = ", ".join(f"{r.label}: steps {r.records[0]['step']}-{r.records[-1]['step']}" for r in runs)

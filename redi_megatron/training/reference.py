@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED
+from redi_megatron.errors import UserError
 from redi_megatron.parallel.collectives import barrier, gather_objects_world, is_global_rank_zero
 from redi_megatron.parallel.loss_scaling import make_sequence_logps_func
 from redi_megatron.parallel.state import ParallelGroups
@@ -25,7 +26,7 @@ def reference_logps(c, sampler) -> np.ndarray:
     if os.path.isfile(path):
         values = np.load(path)
         if values.shape != (len(c.dataset), 2):
-            raise ValueError(f"{path} has shape {values.shape}, the dataset has {len(c.dataset)} pairs")
+            raise UserError(f"{path} has shape {values.shape}, the dataset has {len(c.dataset)} pairs")
         return values
     values = _compute(c, sampler)
     if is_global_rank_zero():

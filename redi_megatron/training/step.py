@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from redi_megatron.data.batch import Microbatch, StepBatch
-
 from redi_megatron.models.inputs import model_inputs
 from redi_megatron.parallel.collectives import sum_over
 from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics

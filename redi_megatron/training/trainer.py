@@ -9,11 +9,19 @@ import os
 from typing import Any, Optional
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.errors import UserError
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.training import checkpointing as ckpt
-from redi_megatron.training.components import (Components, build_data, build_model_and_optimizer,
-                                               resolve_init_checkpoint, resolve_tokenizer_dir, total_steps,
-                                               validate, with_model)
+from redi_megatron.training.components import (
+    Components,
+    build_data,
+    build_model_and_optimizer,
+    resolve_init_checkpoint,
+    resolve_tokenizer_dir,
+    total_steps,
+    validate,
+    with_model,
+)
 
 
 def _init_groups(cfg: RunConfig):
@@ -27,7 +35,7 @@ def _init_groups(cfg: RunConfig):
         have = (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
                 ps.get_context_parallel_world_size())
         if have != (p.tp, p.pp, p.cp):
-            raise ValueError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
+            raise UserError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
         return groups()
     p = cfg.parallel
     return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
@@ -36,7 +44,6 @@ def _init_groups(cfg: RunConfig):
 def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
     """Everything for the run, restored from the newest checkpoint in ``save_dir`` when resuming."""
     from redi_megatron.models.checkpoint import load_model_checkpoint
-
     from redi_megatron.parallel.collectives import world_size
 
     model_cfg, spec, hparams = validate(cfg, world_size())
