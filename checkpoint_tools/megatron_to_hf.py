@@ -54,22 +54,23 @@ def _generation_config(source: Optional[dict[str, Any]], config: dict[str, Any])
     return {"_from_model_config": True, **ids}
 
 
-def load_megatron_model(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None
+def load_megatron_model(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = None, *, trust_unverified: bool = False
                         ) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
-    """The checkpoint as one TP1/PP1 GPTModel (current process must be a single rank)."""
+    """The checkpoint as one TP1/PP1 GPTModel (current process must be a single rank); its files are
+    verified against its manifest first (``trust_unverified``: accept a checkpoint without one)."""
     from redi_megatron.models.builder import build_gpt_model
 
     cfg = read_model_config(ckpt_dir)
     meta = read_meta(ckpt_dir)
     model = build_gpt_model(cfg, ParallelConfig(), dtype=dtype or dtype_from_name(meta["dtype"]))
-    load_model_checkpoint([model], ckpt_dir)
+    load_model_checkpoint([model], ckpt_dir, trust_unverified=trust_unverified)
     return model.eval(), cfg, meta
 
 
 @torch.no_grad()
 def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
                           max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True,
-                          allow_nonfinite: bool = False) -> Path:
+                          allow_nonfinite: bool = False, trust_unverified: bool = False) -> Path:
     """Write the HF directory for a checkpoint. Needs a single-rank Megatron parallel state.
 
     Refuses weights holding NaN or inf (a diverged run) unless ``allow_nonfinite``."""
@@ -79,7 +80,7 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
     family = family_for_config(read_model_config(ckpt))  # fail early on a family with no table
     out = check_output_dir(out_dir, overwrite, inputs=[ckpt])
     max_bytes = parse_size(max_shard_size)
-    model, cfg, meta = load_megatron_model(ckpt)
+    model, cfg, meta = load_megatron_model(ckpt, trust_unverified=trust_unverified)
     if not allow_nonfinite:
         check_finite_weights(model, ckpt)
     out_dtype = dtype_from_name(dtype, "--dtype") if dtype else dtype_from_name(meta["dtype"])
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="export even if weights hold NaN/inf (by default that is refused: a diverged run)")
+    p.add_argument("--trust-unverified", action="store_true",
+                   help="load a checkpoint without a manifest (older versions); checkpoints are code: trust the source")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -141,7 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with parallel_context():
             out = export_megatron_to_hf(args.megatron, args.out, dtype=args.dtype,
                                         max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                        progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
+                                        progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite,
+                                        trust_unverified=args.trust_unverified)
         print(f"wrote {out}")
         return 0
 

@@ -366,3 +366,18 @@ def test_export_refuses_nonfinite_weights_unless_forced(hf_models, tmp_path_fact
     forced = run_distributed(_export, 1, args=(str(tmp_path / "nan_ckpt"), str(tmp_path / "hf"),
                                                ["--allow-nonfinite"]))[0]
     assert forced == 0 and (tmp_path / "hf" / "config.json").is_file()
+
+
+def test_export_of_a_truncated_checkpoint_is_one_line_naming_the_file(hf_models, tmp_path_factory, tokens,
+                                                                       tmp_path, capsys):
+    import shutil
+
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, "qwen2", "tp1")
+    copy = tmp_path / "ckpt"
+    shutil.copytree(ckpt, copy)
+    shard = sorted((copy / "model").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:64])
+    assert run_distributed(_export, 1, args=(str(copy), str(tmp_path / "hf"), []))[0] == 2
+    (copy / "manifest.json").unlink()  # an unverifiable checkpoint is refused unless trusted
+    assert run_distributed(_export, 1, args=(str(copy), str(tmp_path / "hf"), []))[0] == 2
+    assert not (tmp_path / "hf").exists()

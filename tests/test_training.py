@@ -269,3 +269,36 @@ def test_nonfinite_steps_are_never_applied_saved_or_kept(data, tmp_path, mode, n
     saved = sorted(finite)  # keep_last 2 of the finite steps only
     assert all(finite.values()) and saved == [s for s in range(1, stops_at) if s not in nan_steps][-2:]
     assert out["last_checkpoint"].endswith(f"step_{saved[-1]:07d}")
+
+
+def _truncate_newest_shard(save_dir) -> str:
+    from redi_megatron.training.checkpointing import list_checkpoints
+
+    _, newest = list_checkpoints(str(save_dir))[-1]
+    shard = sorted((newest / "model").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:100])
+    return newest.name
+
+
+def test_damaged_newest_checkpoint_falls_back_or_refuses(data, tmp_path, capsys):
+    cfg = _cfg(data, tmp_path / "run", checkpoint__save_interval=1, checkpoint__keep_last=3, train__max_steps=3)
+    run_distributed(_train, 1, args=(cfg, 2), timeout=240)  # killed after step 2: checkpoints 1, 2
+    damaged = _truncate_newest_shard(tmp_path / "run")
+    refuse = _cfg(data, tmp_path / "run", checkpoint__save_interval=1, checkpoint__keep_last=3, train__max_steps=3,
+                  checkpoint__on_corrupt="refuse")
+    with pytest.raises(Exception, match=r"step_0000002: model/.*\.distcp has 100 bytes"):
+        run_distributed(_train, 1, args=(refuse,), timeout=240)
+    losses, out = run_distributed(_train, 1, args=(cfg,), timeout=240)[0]
+    assert out["start_step"] == 1 and out["last_step"] == 3  # resumed from step 1
+    assert (tmp_path / "run" / "checkpoints" / f"{damaged}.damaged").is_dir()  # set aside, not deleted
+
+
+def test_resume_refuses_changed_settings_and_applies_harmless_ones(data, tmp_path):
+    cfg = _cfg(data, tmp_path / "run", train__max_steps=3)
+    run_distributed(_train, 1, args=(cfg, 2), timeout=240)
+    changed = _cfg(data, tmp_path / "run", train__max_steps=44, optimizer__lr=5e-2)
+    with pytest.raises(Exception, match=r"optimizer.lr 0.003 -> 0.05, train.max_steps 3 -> 44 changed"):
+        run_distributed(_train, 1, args=(changed,), timeout=240)
+    fine = _cfg(data, tmp_path / "run", train__max_steps=3, logging__log_interval=2)
+    losses, out = run_distributed(_train, 1, args=(fine,), timeout=240)[0]
+    assert out["start_step"] == 2 and out["last_step"] == 3

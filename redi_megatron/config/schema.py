@@ -63,6 +63,10 @@ class CheckpointConfig:
     save_interval: int = 0               # steps; 0 = only at the end
     keep_last: int = 2
     resume: bool = True                  # continue from the newest checkpoint in save_dir if any
+    # A damaged newest checkpoint (a file missing, truncated or corrupted against its manifest) is set
+    # aside (renamed, never deleted) and the previous one resumed: "fallback"; or the run refuses: "refuse".
+    on_corrupt: Literal["fallback", "refuse"] = "fallback"
+    trust_unverified: bool = False       # load checkpoints without a manifest (older versions, other tools)
 
 
 @dataclass

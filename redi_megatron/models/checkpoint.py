@@ -29,6 +29,7 @@ import torch
 
 from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.models.manifest import verify_manifest, write_manifest
 from redi_megatron.outputs import check_output, discard, publish, staging_dir, staging_path
 from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
 from redi_megatron.typed import from_mapping
@@ -217,17 +218,21 @@ def _unsplit_gated_fc1(sharded: dict[str, dict]) -> dict[str, dict]:
     return out
 
 
-def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path) -> dict[str, Any]:
+def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Path, *,
+                          trust_unverified: bool = False) -> dict[str, Any]:
     """Load ``ckpt_dir/model`` into this rank's chunks (any layout, any dtype). Collective.
 
-    Returns the checkpoint's ``redi_meta.json``. Raises ``ValueError`` when the checkpoint does not fit
-    the model (architecture, vocabulary padding, missing or misshaped tensors).
+    The files are first checked against the checkpoint's manifest (``models.manifest``), before any
+    loader unpickles anything. Returns the checkpoint's ``redi_meta.json``. Raises ``UserError`` when
+    a file is missing or damaged, or the checkpoint does not fit the model (architecture, vocabulary
+    padding, missing or misshaped tensors).
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt = Path(ckpt_dir)
     meta = read_meta(ckpt)
+    verify_manifest(ckpt, trust_unverified)
     _check_model_matches(chunks, read_model_config(ckpt), str(ckpt / MODEL_CONFIG_FILE))
     sharded = _unsplit_gated_fc1(model_sharded_state_dict(chunks))
     _check_shapes(sharded, ckpt / MODEL_SUBDIR)
@@ -349,4 +354,5 @@ def _write_side_files(tmp: Path, model_cfg: ModelConfig, tok_files: list[Path], 
         (tmp / TOKENIZER_SUBDIR).mkdir()
         for f in tok_files:
             shutil.copy2(f, tmp / TOKENIZER_SUBDIR / f.name)
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")  # written last: marks complete
+    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_manifest(tmp)  # last: sizes and checksums of everything above

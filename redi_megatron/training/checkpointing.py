@@ -97,7 +97,7 @@ def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG from ``path``; returns the trainer state dict."""
     from redi_megatron.models.checkpoint import load_extra_sharded, load_model_checkpoint, model_sharded_state_dict
 
-    meta = load_model_checkpoint(c.chunks, path)
+    meta = load_model_checkpoint(c.chunks, path, trust_unverified=c.cfg.checkpoint.trust_unverified)
     if "trainer" not in meta:
         raise UserError(f"{path} is a model checkpoint without trainer state; use it as "
                          f"checkpoint.init_from instead of resuming from it")
@@ -116,13 +116,48 @@ def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
     return trainer
 
 
-def find_resume_point(save_dir: str, resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from (same answer on every rank), or None to start fresh."""
+def find_resume_point(save_dir: str, resume: bool, on_corrupt: str = "fallback",
+                      trust_unverified: bool = False) -> Optional[Path]:
+    """The checkpoint to resume from (same answer on every rank), or None to start fresh.
+
+    The newest checkpoint is verified against its manifest first. A damaged one is reported by file;
+    with ``on_corrupt="fallback"`` it is renamed ``<name>.damaged`` (kept, never deleted: its step can
+    then be written again) and the previous one is tried; ``"refuse"`` raises instead.
+    """
     if not resume:
         return None
-    path = latest_checkpoint(save_dir) if is_global_rank_zero() else None
-    path = broadcast_object(None if path is None else str(path))
+    message = None
+    if is_global_rank_zero():
+        try:
+            path = _newest_intact(save_dir, on_corrupt, trust_unverified)
+        except UserError as e:
+            path, message = None, str(e)
+    else:
+        path = None
+    path, message = broadcast_object((None if path is None else str(path), message))
+    if message is not None:
+        raise UserError(message)
     return None if path is None else Path(path)
+
+
+def _newest_intact(save_dir: str, on_corrupt: str, trust_unverified: bool) -> Optional[Path]:
+    from redi_megatron.models.manifest import verify_manifest
+
+    for _, path in reversed(list_checkpoints(save_dir)):
+        try:
+            verify_manifest(path, trust_unverified)
+            return path
+        except UserError as err:
+            if on_corrupt != "fallback":
+                raise UserError(f"cannot resume: {err} (checkpoint.on_corrupt=refuse)") from None
+            aside = path.with_name(path.name + ".damaged")
+            n = 1
+            while aside.exists():
+                aside, n = path.with_name(f"{path.name}.damaged{n}"), n + 1
+            path.rename(aside)
+            print(f"redi-train: {err}; set it aside as {aside.name} and trying the previous checkpoint",
+                  flush=True)
+    return None
 
 
 def ensure_run_dir(save_dir: str) -> None:

@@ -56,12 +56,15 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
     c = Components(cfg=cfg, groups=grps, model_cfg=model_cfg, loss_spec=spec, loss_hparams=hparams,
                    chunks=chunks, optimizer=optimizer, scheduler=scheduler, dataset=dataset,
                    sampler=sampler, tokenizer_dir=tokenizer_dir, total_steps=steps, use_te=use_te)
-    resume_from = ckpt.find_resume_point(cfg.checkpoint.save_dir, cfg.checkpoint.resume)
+    resume_from = ckpt.find_resume_point(cfg.checkpoint.save_dir, cfg.checkpoint.resume,
+                                         cfg.checkpoint.on_corrupt, cfg.checkpoint.trust_unverified)
     state = None
     if resume_from is not None:
+        _announce_resume(cfg, model_cfg, resume_from)
         state = ckpt.load_training_checkpoint(c, resume_from)
     elif cfg.checkpoint.init_from:
-        load_model_checkpoint(chunks, resolve_init_checkpoint(cfg.checkpoint.init_from))
+        load_model_checkpoint(chunks, resolve_init_checkpoint(cfg.checkpoint.init_from),
+                              trust_unverified=cfg.checkpoint.trust_unverified)
     else:
         from redi_megatron.models.init import init_by_name
 
@@ -75,6 +78,21 @@ def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
     if state is not None:
         c.sampler.load_state_dict(state["sampler"])
     return c, state
+
+
+def _announce_resume(cfg: RunConfig, model_cfg, path) -> None:
+    """Say what is resumed, and apply or refuse (naming the key) every setting changed since."""
+    from redi_megatron.config.loader import to_dict
+    from redi_megatron.models.checkpoint import read_meta
+    from redi_megatron.parallel.collectives import is_global_rank_zero
+    from redi_megatron.training.resume import check_resume_config
+
+    applied = check_resume_config(read_meta(path).get("run_config", {}), to_dict(with_model(cfg, model_cfg)),
+                                  str(path))
+    if is_global_rank_zero():
+        print(f"redi-train: resuming from {path.name} ({path})", flush=True)
+        for line in applied:
+            print(f"redi-train: applying a changed setting: {line}", flush=True)
 
 
 def _attach_reference(c: Components) -> None:
