@@ -107,6 +107,16 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
     return out
 
 
+def resolve_checkpoint(path: str) -> str:
+    """``path`` itself, or the newest complete checkpoint when ``path`` is a run directory."""
+    from redi_megatron.training.components import resolve_init_checkpoint
+
+    resolved = resolve_init_checkpoint(path)
+    if resolved != path:
+        print(f"redi-megatron-to-hf: exporting {resolved} (the newest checkpoint of {path})")
+    return resolved
+
+
 def check_finite_weights(model: torch.nn.Module, where: str | Path) -> None:
     """ValueError naming the first parameters with NaN or inf values."""
     bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
@@ -117,7 +127,8 @@ def check_finite_weights(model: torch.nn.Module, where: str | Path) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="redi-megatron-to-hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--megatron", required=True, help="redi-megatron checkpoint directory")
+    p.add_argument("--megatron", required=True,
+                   help="redi-megatron checkpoint directory, or a run directory (its newest checkpoint)")
     p.add_argument("--out", required=True, help="HF directory to create")
     p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
     p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
@@ -135,6 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     force_cpu()
 
     def body() -> int:
+        args.megatron = resolve_checkpoint(args.megatron)
         read_meta(args.megatron)
         family_for_config(read_model_config(args.megatron))
         check_output_dir(args.out, args.overwrite, inputs=[args.megatron])

@@ -225,3 +225,34 @@ def test_every_recipe_runs_two_steps(path, tiny_train_data, tmp_path):
     losses = run_distributed(_train_two_steps, world, tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, args=(cfg,),
                              timeout=280)
     assert len(losses) == world
+
+
+def _readme_chain() -> list[list[str]]:
+    """The commands of README.md's "pipeline on real data" block, each as argv (continuations joined)."""
+    import shlex
+
+    readme = open(os.path.join(os.path.dirname(CONFIGS), "..", "README.md"), encoding="utf-8").read()
+    block = readme.split("## The pipeline on real data", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    text = block.replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines() if line.strip()]
+
+
+def _flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+def test_readme_real_data_chain_is_consistent_with_the_recipes():
+    """Every step of the README's chain reads what the previous step writes (issue 13's probe: the
+    README curated into one directory while the recipes read another)."""
+    cmds = {argv[0] if argv[0] != "torchrun" else os.path.basename(_flag(argv, "--config")): argv
+            for argv in _readme_chain()}
+    curated = _flag(cmds["redi-curate"], "--output")
+    base = _flag(cmds["redi-hf-to-megatron"], "--out")
+    sft, redi = load("qwen2.5-math-1.5b_sft.yaml"), load("qwen2.5-math-1.5b_redi.yaml")
+    assert sft.data.train_path == os.path.join(curated, "positives")
+    assert redi.data.train_path == os.path.join(curated, "pairs")
+    assert sft.checkpoint.init_from == base
+    assert redi.checkpoint.init_from == sft.checkpoint.save_dir
+    assert _flag(cmds["redi-megatron-to-hf"], "--megatron") == redi.checkpoint.save_dir
+    assert _flag(cmds["redi-eval"], "--model") == _flag(cmds["redi-megatron-to-hf"], "--out")
+    assert _flag(cmds["redi-curate"], "--tokenizer") == _flag(cmds["redi-hf-to-megatron"], "--hf")
