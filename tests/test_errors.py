@@ -41,3 +41,16 @@ def test_config_and_converter_errors_are_user_errors(tmp_path):
     with pytest.raises(UserError):
         parse_overrides(["rope_theta=abc"])
     assert issubclass(MissingDependency, ImportError) and issubclass(MissingDependency, UserError)
+
+
+def test_a_config_typo_imports_neither_torch_nor_megatron(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from redi_megatron.training.cli import main; "
+            "rc = main(['--config', 'examples/configs/tiny_cpu_sft.yaml', 'optimizer.lrr=1']); "
+            "print(rc, 'torch' in sys.modules, 'megatron' in sys.modules)")
+    root = __import__("os").path.dirname(__import__("os").path.dirname(__file__))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["2", "False", "False"], (out.stdout, out.stderr)
+    assert "did you mean 'optimizer.lr'" in out.stderr

@@ -48,6 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _teardown() -> None:
+    # Only when a run got as far as importing Megatron: a config typo must not pay for importing it.
+    if "megatron.core" not in sys.modules:
+        return
     from redi_megatron.parallel.state import destroy_parallel
 
     try:
