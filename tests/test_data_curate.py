@@ -235,3 +235,12 @@ def test_overwrite_never_loses_data(tmp_path, fixture_rows, capsys):
     assert sorted(p.name for p in out.iterdir()) == before  # the old output is untouched
     assert main(base + ["--output", str(out), "--overwrite"]) == 0  # a good rerun replaces it
     assert sorted(p.name for p in out.iterdir()) == before and not list(tmp_path.glob(".curated.*"))
+
+
+def test_a_text_file_named_parquet_is_one_line_naming_it(tmp_path, capsys):
+    bad = tmp_path / "raw.parquet"
+    bad.write_text("this is not parquet\n")
+    assert main(["--input", str(bad), "--output", str(tmp_path / "o"), "--tokenizer", qwen_tokenizer_dir(),
+                 "--num-proc", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "raw.parquet: not a readable parquet file" in err and "Traceback" not in err

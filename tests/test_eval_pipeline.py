@@ -230,3 +230,13 @@ def test_vllm_backend_names_the_eval_extra_when_missing():
         pytest.skip("vllm is installed here")
     with pytest.raises(ImportError, match=r"redi-megatron\[eval\]"):
         import_vllm()
+
+
+def test_missing_model_dir_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from redi_megatron.eval.cli import main
+
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(tmp_path / "no_model"), "--benchmarks", "math500", "--out", str(out), "--backend", "hf"])
+    assert e.value.code == 2 and "no such model directory" in capsys.readouterr().err
+    assert not out.exists()  # no run_config.json that would refuse the next, correct run

@@ -53,10 +53,19 @@ def list_input_files(path: str) -> List[str]:
     return files
 
 
-def _parquet_chunks(path: str, first_index: int) -> List[Chunk]:
+def _parquet_file(path: str):
+    """``pyarrow.parquet.ParquetFile``, or a UserError naming ``path`` when it is not parquet."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta = pq.ParquetFile(path).metadata
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable parquet file ({e})") from None
+
+
+def _parquet_chunks(path: str, first_index: int) -> List[Chunk]:
+    meta = _parquet_file(path).metadata
     chunks, row = [], 0
     for g in range(meta.num_row_groups):
         n = meta.row_group(g).num_rows
@@ -96,9 +105,7 @@ def plan_chunks(files: Sequence[str], rows_per_chunk: int = 512) -> List[Chunk]:
 def file_columns(path: str) -> List[str]:
     """Column names of a file (JSONL: keys of its first row that parses as an object)."""
     if path.endswith(PARQUET_EXT):
-        import pyarrow.parquet as pq
-
-        return list(pq.ParquetFile(path).schema_arrow.names)
+        return list(_parquet_file(path).schema_arrow.names)
     with open(path, "rb") as f:
         for line in f:
             if not line.strip():

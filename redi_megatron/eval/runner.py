@@ -190,6 +190,9 @@ def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
     ``backend``: anything with ``generate(list[Request]) -> list[Completion]``; built from ``cfg``
     when None. Data-parallel workers (``cfg.shard_index`` set) return None.
     """
+    if backend is None and not os.path.isdir(cfg.model):  # before anything is written into --out
+        raise UserError(f"--model {cfg.model}: no such model directory (redi-eval reads local HF model "
+                        "directories, e.g. redi-megatron-to-hf's output; download hub models first)")
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.shard_index is not None:
         _run_shard(cfg, backend)
