@@ -72,6 +72,7 @@ def _first_step_grads(cfg, plain: bool = False) -> dict:
     divided by the step's global normaliser, accumulated by DDP's hooks without ``finalize_model_grads``.
     """
     from redi_megatron.models.inputs import model_inputs
+    from redi_megatron.models.output_head import output_weight, returns_hidden_states
     from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.parallel.reductions import sequence_sums
     from redi_megatron.training.step import forward_backward
@@ -88,7 +89,10 @@ def _first_step_grads(cfg, plain: bool = False) -> dict:
         (model,) = c.chunks
         model.zero_grad_buffer()
         for mb in batch.microbatches:
-            logits = model(**model_inputs(mb, c.groups)).float()[0, :, :c.model_cfg.vocab_size]
+            y = model(**model_inputs(mb, c.groups))
+            if returns_hidden_states(model):  # the fused head: project here, plainly, all positions
+                y = y @ output_weight(model).t()
+            logits = y.float()[0, :, :c.model_cfg.vocab_size]
             tok = torch.log_softmax(logits, -1).gather(-1, mb.labels[0, :, None])[:, 0] * mb.loss_mask[0]
             if cfg.loss.name == "sft":
                 loss = -tok.sum() / batch.global_num_loss_tokens

@@ -52,6 +52,10 @@ class TrainConfig:
     # run (exit status 4), keeping the last finite checkpoint; "skip": drop that step and go on (for
     # rare spikes, as Megatron's check_for_nan_in_loss_and_grad would), stopping after
     # max_skipped_steps of them in a row.
+    # Log-probs straight from the final hidden states, chunked, only at loss positions: no [T, V/TP]
+    # logits or logits gradient (parallel/fused_logprobs.py). false: Megatron's output layer + our
+    # chunked log-probs on its logits (for comparison).
+    fused_logprobs: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 5
 

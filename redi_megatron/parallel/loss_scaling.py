@@ -49,6 +49,7 @@ import torch.distributed as dist
 
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec
 from redi_megatron.parallel.context import check_thd_boundaries, split_for_cp
+from redi_megatron.parallel.fused_logprobs import fused_output_logprobs
 from redi_megatron.parallel.logprobs import vocab_parallel_logprobs
 from redi_megatron.parallel.reductions import sequence_sums, sequence_sums_over_cp
 from redi_megatron.parallel.state import ParallelGroups
@@ -174,21 +175,36 @@ def _prepare(mb: Any, groups: ParallelGroups, *, roles_allowed: Optional[tuple[i
         ref_logps=None if ref is None else ref.float())
 
 
-def _token_logps(p: _Prepared, logits: torch.Tensor, groups: ParallelGroups, chunk_size: Optional[int],
-                 inplace_backward: bool, vocab_size: Optional[int]) -> torch.Tensor:
-    if tuple(logits.shape[:2]) != tuple(p.labels.shape):
-        raise ValueError(f"loss_func: logits {tuple(logits.shape)} do not match this CP rank's labels "
+def _token_logps(p: _Prepared, output: torch.Tensor, groups: ParallelGroups, chunk_size: Optional[int],
+                 inplace_backward: bool, vocab_size: Optional[int], head: Optional["OutputHead"]) -> torch.Tensor:
+    """Masked per-token log-probs ``[1, T/CP]`` from the model's output: logits ``[1, T/CP, V/TP]``, or with
+    ``head`` the final hidden states ``[1, T/CP(/TP), H]`` (fused output layer, no logits)."""
+    dev = output.device
+    labels, mask = p.labels.to(dev, non_blocking=True), p.loss_mask.to(dev, non_blocking=True)
+    if head is not None:
+        return fused_output_logprobs(output, head.weight, labels, mask, groups.tp,
+                                     sequence_parallel=head.sequence_parallel, vocab_size=vocab_size,
+                                     chunk_size=chunk_size)
+    if tuple(output.shape[:2]) != tuple(p.labels.shape):
+        raise ValueError(f"loss_func: logits {tuple(output.shape)} do not match this CP rank's labels "
                          f"{tuple(p.labels.shape)} (expected [B, S/CP, V/TP], batch first)")
-    dev = logits.device
-    tok = vocab_parallel_logprobs(logits, p.labels.to(dev, non_blocking=True), groups.tp, chunk_size=chunk_size,
+    tok = vocab_parallel_logprobs(output, labels, groups.tp, chunk_size=chunk_size,
                                   inplace_backward=inplace_backward, validate=vocab_size is None,
                                   vocab_size=vocab_size)
-    return tok * p.loss_mask.to(dev, non_blocking=True)
+    return tok * mask
+
+
+@dataclass(frozen=True)
+class OutputHead:
+    """The output projection for a model that returns hidden states (``models.output_head``)."""
+
+    weight: torch.Tensor            # [V_padded/TP, H]: the model's own Parameter
+    sequence_parallel: bool = False
 
 
 def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: ParallelGroups, *,
                    chunk_size: Optional[int] = None, vocab_size: Optional[int] = None,
-                   inplace_backward: bool = True) -> LossFunc:
+                   inplace_backward: bool = True, head: Optional[OutputHead] = None) -> LossFunc:
     """Build Megatron's ``loss_func`` for one microbatch (call it in ``forward_step``).
 
     microbatch: the data contract's ``Microbatch`` (one packed THD row) with full (not CP-split)
@@ -197,6 +213,8 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     vocab_size: the real vocabulary: labels are range-checked here instead of inside the step (saves a
         sync), and the logits' padding columns (``V_padded - vocab_size``) are left out of the softmax.
     inplace_backward: write the logits gradient into the logits buffer (see ``parallel.logprobs``).
+    head: set when the model returns final hidden states instead of logits: log-probs then come from
+        ``parallel.fused_logprobs`` (no ``[T, V/TP]`` logits; only loss positions are projected).
     Returns ``loss_func(logits [1, T/CP, V/TP]) -> (loss_sum, normaliser int32, metrics)`` for Megatron
     with ``calculate_per_token_loss=True`` (module docstring).
     """
@@ -211,7 +229,7 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
 
     def loss_func(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         dev = logits.device
-        tok = _token_logps(p, logits, groups, chunk_size, inplace_backward, vocab_size)
+        tok = _token_logps(p, logits, groups, chunk_size, inplace_backward, vocab_size, head)
         seq = (sequence_sums_over_cp(tok, p.seq_ids.to(dev), p.num_sequences, groups.cp)
                if spec.needs_sequence_logps else None)
         inputs = LossInputs(token_logps=tok, loss_mask=p.loss_mask.to(dev), seq_logps=seq,
@@ -232,8 +250,8 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     return loss_func
 
 
-def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
-                             chunk_size: Optional[int] = None, vocab_size: Optional[int] = None) -> LossFunc:
+def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *, chunk_size: Optional[int] = None,
+                             vocab_size: Optional[int] = None, head: Optional[OutputHead] = None) -> LossFunc:
     """``loss_func`` for a forward-only pass that records whole-sequence log-probs (DPO reference pass).
 
     Returns ``(0, 0, {"seq_logps": [N], "sample_ids": [N]})``; ``seq_logps`` is reduced over CP, so any
@@ -245,7 +263,7 @@ def make_sequence_logps_func(microbatch: Any, groups: ParallelGroups, *,
 
     def loss_func(logits: torch.Tensor):
         with torch.no_grad():
-            tok = _token_logps(p, logits, groups, chunk_size, False, vocab_size)
+            tok = _token_logps(p, logits, groups, chunk_size, False, vocab_size, head)
             seq = sequence_sums_over_cp(tok, p.seq_ids.to(logits.device), p.num_sequences, groups.cp)
         zero = torch.zeros((), device=logits.device)
         out = {"seq_logps": seq}

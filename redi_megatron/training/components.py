@@ -176,6 +176,7 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from redi_megatron.models.builder import build_model_chunks
+    from redi_megatron.models.output_head import return_hidden_states
     from redi_megatron.models.layer_specs import have_transformer_engine
     from redi_megatron.parallel.loss_scaling import validate_megatron_config
 
@@ -184,6 +185,9 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     use_te = torch.cuda.is_available() and have_transformer_engine()
     chunks = build_model_chunks(model_cfg, cfg.parallel, dtype=dtype, use_te=use_te,
                                 recompute=cfg.train.recompute, fp8=cfg.train.fp8)
+    if cfg.train.fused_logprobs:
+        for chunk in chunks:
+            return_hidden_states(chunk)
     validate_megatron_config(chunks[0].config)
     o = cfg.optimizer
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,

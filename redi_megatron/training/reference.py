@@ -45,7 +45,8 @@ def _compute(c, sampler) -> np.ndarray:
                      disable=not is_global_rank_zero()):
         batch = sampler.build(sampler.plan(0, step))
         mbs = batch.microbatches
-        outputs = forward_only(c, mbs, lambda mb: make_sequence_logps_func(mb, g, vocab_size=c.model_cfg.vocab_size))
+        outputs = forward_only(c, mbs, lambda mb, head: make_sequence_logps_func(
+            mb, g, vocab_size=c.model_cfg.vocab_size, head=head))
         for mb, out in zip(mbs, outputs):
             for sid, role, logp in zip(mb.sample_ids.tolist(), mb.roles.tolist(), out["seq_logps"].tolist()):
                 records.append((sid, role, logp))

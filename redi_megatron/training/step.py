@@ -3,18 +3,27 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Optional
 
 import torch
 
 from redi_megatron.data.batch import Microbatch, StepBatch
 from redi_megatron.models.inputs import model_inputs
 from redi_megatron.parallel.collectives import sum_over
-from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
+from redi_megatron.models.output_head import output_weight, returns_hidden_states
+from redi_megatron.parallel.loss_scaling import OutputHead, make_loss_func, reduce_step_metrics
 from redi_megatron.parallel.state import ParallelGroups
 
 if TYPE_CHECKING:
     from redi_megatron.training.components import Components
+
+
+def output_head(model: torch.nn.Module) -> Optional[OutputHead]:
+    """The fused output layer's weight when ``model`` returns hidden states, else None (logits)."""
+    if not returns_hidden_states(model):
+        return None
+    gpt = getattr(model, "module", model)
+    return OutputHead(output_weight(gpt), sequence_parallel=gpt.config.sequence_parallel)
 
 
 def model_device(chunks: list) -> torch.device:
@@ -23,12 +32,14 @@ def model_device(chunks: list) -> torch.device:
 
 
 def run_schedule(chunks: list, microbatches: list[Microbatch], groups: ParallelGroups,
-                 make_func: Callable[[Microbatch], Callable], forward_only: bool) -> list[dict]:
+                 make_func: Callable[[Microbatch, Optional[OutputHead]], Callable], forward_only: bool
+                 ) -> list[dict]:
     """Run ``microbatches`` through ``get_forward_backward_func``; returns the last stage's metrics list.
 
     Each microbatch goes to the model's device once, here (pinned, non-blocking on CUDA), before the
-    model and its ``loss_func`` see it. ``make_func(mb)`` builds the microbatch's Megatron ``loss_func``
-    (validated before the forward).
+    model and its ``loss_func`` see it. ``make_func(mb, head)`` builds the microbatch's Megatron
+    ``loss_func`` (validated before the forward); ``head`` is set when the model chunk returns hidden
+    states (the fused output layer) and None when it returns logits.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -36,7 +47,7 @@ def run_schedule(chunks: list, microbatches: list[Microbatch], groups: ParallelG
 
     def forward_step(data_iterator, model):
         mb = next(data_iterator).to(device, non_blocking=True)
-        loss_func = make_func(mb)
+        loss_func = make_func(mb, output_head(model))
         return model(**model_inputs(mb, groups)), loss_func
 
     if not microbatches:
@@ -65,8 +76,8 @@ def forward_backward(c: "Components", batch: StepBatch) -> list[dict]:
     c.optimizer.zero_grad()
     vocab = c.model_cfg.vocab_size
 
-    def make(mb):
-        return make_loss_func(c.loss_spec, c.loss_hparams, mb, c.groups, vocab_size=vocab)
+    def make(mb, head):
+        return make_loss_func(c.loss_spec, c.loss_hparams, mb, c.groups, vocab_size=vocab, head=head)
 
     for chunk in c.chunks:
         chunk.train()
@@ -102,8 +113,8 @@ def train_step(c: "Components", batch: StepBatch) -> dict[str, float]:
 
 
 @torch.no_grad()
-def forward_only(c: "Components", microbatches: list[Microbatch], make_func: Callable[[Microbatch], Callable]
-                 ) -> list[dict]:
+def forward_only(c: "Components", microbatches: list[Microbatch],
+                 make_func: Callable[[Microbatch, Optional[OutputHead]], Callable]) -> list[dict]:
     """Forward-only pass (e.g. DPO reference log-probs); returns the last stage's outputs."""
     for chunk in c.chunks:
         chunk.eval()
