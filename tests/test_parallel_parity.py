@@ -7,7 +7,9 @@ reference runs every sequence *alone* through a plain single-process model and w
 their formulas with one global denominator, so a wrong CP partition, a sequence leaking into its
 neighbour, a wrong per-sequence reduction or a wrong normaliser (sums instead of means) all show up
 in the loss or in the gradients. Pair losses: every sequence is split over the CP ranks (2*CP chunks
-each), so each pair's log-probs are assembled from all CP ranks.
+each), so each pair's log-probs are assembled from all CP ranks. SFT goes through Megatron's output
+layer and logits, REDI through the fused output head (``parallel.fused_logprobs``, tied embeddings), so
+both heads are checked in every layout.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
 
     from redi_megatron.losses import get_loss
     from redi_megatron.models.builder import build_model_chunks
+    from redi_megatron.models.output_head import return_hidden_states
     from redi_megatron.models.sharding import load_full_state_dict
     from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
     from redi_megatron.testing.params import gather_stage_tensors
@@ -74,8 +77,11 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
         mbs = [build_microbatch(seqs, ROW, pad_id=0, pad_to_multiple_of=MULTIPLE) for seqs in mine]
         for m in wrapped:
             m.zero_grad_buffer()
-        metrics = run_schedule(wrapped, mbs, g, lambda mb: make_loss_func(spec, hp, mb, g, chunk_size=7),
-                               forward_only=False)
+        if loss == "redi":  # SFT runs Megatron's output layer on logits, REDI the fused head on hidden states
+            for chunk in chunks:
+                return_hidden_states(chunk)
+        metrics = run_schedule(wrapped, mbs, g, lambda mb, head: make_loss_func(spec, hp, mb, g, chunk_size=7,
+                                                                                head=head), forward_only=False)
         out[loss] = {"loss": reduce_step_metrics(metrics, g)["loss"],
                      "grads": gather_stage_tensors(wrapped, g.tp, select=lambda p: p.main_grad)}
     return out
