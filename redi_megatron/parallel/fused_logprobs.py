@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from redi_megatron.parallel.logprobs import _combine_over_tp, _group_size_rank, _local_targets
 
-CHUNK_ELEMENTS = 1 << 23  # logits per fp32 workspace (32 MiB): ~55 tokens at V = 151,936
+CHUNK_ELEMENTS = 1 << 25  # logits per fp32 workspace (128 MiB): ~220 tokens at V = 151,936 (bigger matmuls)
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
