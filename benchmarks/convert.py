@@ -42,11 +42,11 @@ def _rss_mb() -> float:
 
 def _child(direction: str, args: list[str]) -> None:
     """Runs in the measured process: import everything, note the RSS, convert, report the peak."""
+    import megatron.core.models.gpt  # noqa: F401
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
     from checkpoint_tools import hf_to_megatron, megatron_to_hf
-    import megatron.core.models.gpt  # noqa: F401
 
     base = _rss_mb()
     main = hf_to_megatron.main if direction == "import" else megatron_to_hf.main

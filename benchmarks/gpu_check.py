@@ -212,8 +212,8 @@ def _print(r: dict, a) -> None:
         if "error" in x:
             print(f"  {loss}: {x['error']}")
             continue
-        print(f"  {loss:<5} step {x['step_s'] * 1e3:8.1f} ms  {x['tokens_per_s']:9.0f} tokens/s  MFU {100 * x['mfu']:5.1f}%"
-              f"  peak {x['peak_mem_gib']:6.1f} GiB  TE {x['use_te']}")
+        print(f"  {loss:<5} step {x['step_s'] * 1e3:8.1f} ms  {x['tokens_per_s']:9.0f} tokens/s"
+              f"  MFU {100 * x['mfu']:5.1f}%  peak {x['peak_mem_gib']:6.1f} GiB  TE {x['use_te']}")
     print(f"total {r['total_s']:.0f} s")
 
 

@@ -42,7 +42,8 @@ def build_items(count: int, think_chars: int, seed: int) -> list[tuple[str, str]
             summary += f"\n\nSo the final answer is $\\boxed{{{row['answer']}+1}}$."
         elif kind == 2:
             summary = summary.replace("\\boxed", "")
-        response = "<think>\n" + "\n\nWait, let me re-check.\n\n".join(thinking)[:think_chars] + "\n</think>\n\n" + summary
+        reasoning = "\n\nWait, let me re-check.\n\n".join(thinking)[:think_chars]
+        response = "<think>\n" + reasoning + "\n</think>\n\n" + summary
         items.append((response, row["answer"]))
     return items
 

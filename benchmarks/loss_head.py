@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         if base is not None and impl != "megatron":
             for key in ("logps", "gh", "gw"):
                 torch.testing.assert_close(r[key], base[key], **tol)
-            line += f"   memory {r['peak'] / max(base['peak'], 1):.3f}x  time {r['time'] / base['time']:.3f}x of megatron"
+            line += (f"   memory {r['peak'] / max(base['peak'], 1):.3f}x"
+                     f"  time {r['time'] / base['time']:.3f}x of megatron")
         print(line)
     print("target (S = 16k): fused memory <= 0.1x and time <= 1.15x of megatron")
     return 0

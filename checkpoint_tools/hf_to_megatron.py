@@ -14,9 +14,10 @@ Memory: the Megatron model (one copy of the weights, summed over ranks) plus one
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 

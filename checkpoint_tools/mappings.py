@@ -23,8 +23,9 @@ start, stop)``), so conversion holds one copy of the weights in total, not one p
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 

@@ -12,9 +12,10 @@ model gets the checkpoint's RoPE base, context length and norm epsilon (a conver
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

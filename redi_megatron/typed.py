@@ -15,7 +15,8 @@ import difflib
 import functools
 import types
 import typing
-from typing import Any, Callable, Literal, Mapping, TypeVar, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TypeVar, Union
 
 from redi_megatron.errors import UserError
 

@@ -8,16 +8,24 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_tools.hf_io import (SafetensorsReader, hf_config_for_export, parse_overrides, parse_size,
-                                    read_hf_config)
+from checkpoint_tools.hf_io import SafetensorsReader, hf_config_for_export, parse_overrides, parse_size, read_hf_config
 from checkpoint_tools.hf_to_megatron import main as hf_to_megatron_main
 from checkpoint_tools.hf_to_megatron import plan_conversion
-from checkpoint_tools.mappings import (LLAMA, QWEN2, Direct, FusedGateUp, FusedQKV, bind_layer,
-                                       expected_hf_tensors, full_state_dict_to_hf, megatron_index)
+from checkpoint_tools.mappings import (
+    LLAMA,
+    QWEN2,
+    Direct,
+    FusedGateUp,
+    FusedQKV,
+    bind_layer,
+    expected_hf_tensors,
+    full_state_dict_to_hf,
+    megatron_index,
+)
 from redi_megatron.models.checkpoint import check_output_dir, model_config_from_dict
-from redi_megatron.outputs import MARKER, publish, staging_dir, staging_path
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.models.sharding import shard
+from redi_megatron.outputs import MARKER, publish, staging_dir, staging_path
 
 CFG = ModelConfig(family="qwen2", num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_heads=8,
                   num_query_groups=4, kv_channels=16, vocab_size=300)

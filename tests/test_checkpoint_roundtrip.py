@@ -118,8 +118,7 @@ def _train_and_save(ckpt: str, out: str, tokens: torch.Tensor, steps: int):
     from megatron.core import tensor_parallel
 
     from redi_megatron.models.builder import build_gpt_model
-    from redi_megatron.models.checkpoint import (load_model_checkpoint, read_model_config,
-                                                 save_model_checkpoint)
+    from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config, save_model_checkpoint
     from redi_megatron.models.config import ParallelConfig
 
     cfg = read_model_config(ckpt)

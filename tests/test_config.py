@@ -4,8 +4,15 @@ import os
 
 import pytest
 
-from redi_megatron.config import (RunConfig, apply_overrides, from_dict, load_config, parse_override,
-                                  save_resolved, to_dict)
+from redi_megatron.config import (
+    RunConfig,
+    apply_overrides,
+    from_dict,
+    load_config,
+    parse_override,
+    save_resolved,
+    to_dict,
+)
 from redi_megatron.config.loader import dump_yaml
 
 

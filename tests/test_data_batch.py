@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from redi_megatron.data.batch import (
-    ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec, build_microbatch, padded_length,
+    ROLE_CHOSEN,
+    ROLE_REJECTED,
+    ROLE_SFT,
+    SequenceSpec,
+    build_microbatch,
+    padded_length,
 )
 from redi_megatron.data.sampler import PackedStepSampler, PackingConfig
 

@@ -8,9 +8,17 @@ import pytest
 
 from redi_megatron.data.batch import ROLE_SFT, SequenceSpec, build_microbatch
 from redi_megatron.data.templates import (
-    QWEN_MATH_SYSTEM_PROMPT, TemplateConfig, check_tokenizer, encode_completion, encode_eval_prompt,
-    encode_prompt, find_control_token, load_tokenizer, render_completion,
-    render_eval_prompt, render_prompt,
+    QWEN_MATH_SYSTEM_PROMPT,
+    TemplateConfig,
+    check_tokenizer,
+    encode_completion,
+    encode_eval_prompt,
+    encode_prompt,
+    find_control_token,
+    load_tokenizer,
+    render_completion,
+    render_eval_prompt,
+    render_prompt,
 )
 
 PROBLEM = "Find $x$ if $2x + 3 = 11$."
@@ -45,7 +53,8 @@ def test_render_strings_exact():
 def test_golden_token_ids(tok):
     assert encode_prompt(tok, PROBLEM) == GOLDEN_PROMPT
     assert encode_completion(tok, GENERATION) == GOLDEN_COMPLETION
-    assert tok.decode(GOLDEN_PROMPT + GOLDEN_COMPLETION) == render_prompt(PROBLEM) + render_completion(GENERATION) + "<|endoftext|>"
+    rendered = render_prompt(PROBLEM) + render_completion(GENERATION) + "<|endoftext|>"
+    assert tok.decode(GOLDEN_PROMPT + GOLDEN_COMPLETION) == rendered
     ev = encode_eval_prompt(tok, PROBLEM)
     assert ev[:-4] == SYSTEM_IDS + USER_IDS and ev[-4:] == [151644, 77091, 151667, 198]  # assistant<think>\n
 

@@ -16,7 +16,8 @@ PROBLEMS = [f"Problem {i}: compute ${i} + {2 * i}$." for i in range(12)]
 
 
 def _gen(i, ok=True):
-    return f"<think>\nAdd them{' carefully' * (i % 4)}.\n</think>\n\nThe answer is $\\boxed{{{3 * i + (0 if ok else 1)}}}$."
+    answer = 3 * i + (0 if ok else 1)
+    return f"<think>\nAdd them{' carefully' * (i % 4)}.\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
 
 
 @pytest.fixture(scope="module")

@@ -172,7 +172,7 @@ def test_redi_curate_reads_the_teacher_rows(tmp_path):
     expected_pos = expected_pairs = 0
     for r in rows:
         c = r["correctness"]
-        ok = [bool(l) and bool(m) for l, m in zip(c["llama_verification"], c["math_verify_reparsed_answer"])]
+        ok = [bool(a) and bool(b) for a, b in zip(c["llama_verification"], c["math_verify_reparsed_answer"])]
         expected_pos += any(ok)
         expected_pairs += any(ok) and not all(ok)
     report = curate(CurationConfig(input=out.train_path, output=str(tmp_path / "cur"), tokenizer="",

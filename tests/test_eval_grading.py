@@ -6,8 +6,7 @@ import time
 
 import pytest
 
-from redi_megatron.eval import GradingPool, grade, grade_detailed
-from redi_megatron.eval import rllm_grader
+from redi_megatron.eval import GradingPool, grade, grade_detailed, rllm_grader
 from redi_megatron.eval.benchmarks import BENCHMARK_FILES, load_benchmark, load_benchmarks
 from redi_megatron.eval.timeouts import GradeTimeout, InnerTimeout, deadline
 

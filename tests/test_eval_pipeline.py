@@ -63,7 +63,8 @@ def test_prompt_templates():
     rllm = render("What is $1+1$?", PromptConfig(template="rllm"))
     assert "<|im_start|>user\nSolve the following math problem efficiently and clearly.  The last line" in rllm
     assert "'Therefore, the final answer is: $\\boxed{ANSWER}$. I hope it is correct'" in rllm
-    assert rllm.endswith("Think step by step before answering.\n\nWhat is $1+1$?<|im_end|>\n<|im_start|>assistant<think>\n")
+    assert rllm.endswith("Think step by step before answering.\n\nWhat is $1+1$?<|im_end|>\n"
+                         "<|im_start|>assistant<think>\n")
     plain = render("Q", PromptConfig(system_prompt="", force_think=False))
     assert plain == "<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\n"
     with pytest.raises(ValueError, match="control token"):

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from redi_megatron.losses import get_loss
-from redi_megatron.parallel.loss_scaling import (MEGATRON_CONFIG_OVERRIDES, make_loss_func,
-                                                 validate_megatron_config)
+from redi_megatron.parallel.loss_scaling import MEGATRON_CONFIG_OVERRIDES, make_loss_func, validate_megatron_config
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.testing.distributed import run_distributed
+
 from loss_references import VOCAB, isclose, make_microbatch, ref_loss
 
 HIDDEN, MICROBATCHES, DP = 8, 2, 2

@@ -7,9 +7,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from redi_megatron.losses import (DPOConfig, RediConfig, SimPOConfig, available_losses, dpo_loss, get_loss,
-                                  redi_loss, redi_sequence_terms, sft_loss, simpo_loss)
-from redi_megatron.losses import registry
+from redi_megatron.losses import (
+    DPOConfig,
+    RediConfig,
+    SimPOConfig,
+    available_losses,
+    dpo_loss,
+    get_loss,
+    redi_loss,
+    redi_sequence_terms,
+    registry,
+    sft_loss,
+    simpo_loss,
+)
 
 
 def _toy_model(seed: int = 0):
@@ -231,10 +241,10 @@ def test_a_mixed_objective_gets_sequence_logps_with_a_token_normaliser():
     """``needs_sequence_logps`` is its own field: a per-token loss can add a per-sequence term."""
     from dataclasses import dataclass
 
-    from loss_references import make_logits, make_microbatch, ref_sequence_logps, ref_token_logps
-
     from redi_megatron.parallel.loss_scaling import make_loss_func
     from redi_megatron.parallel.state import ParallelGroups
+
+    from loss_references import make_logits, make_microbatch, ref_sequence_logps, ref_token_logps
 
     @dataclass
     class Mixed:
@@ -261,10 +271,10 @@ def test_a_mixed_objective_gets_sequence_logps_with_a_token_normaliser():
 
 @pytest.mark.parametrize("name", ["dpo", "simpo"])
 def test_sft_anchor_adds_the_chosen_length_normalised_nll(name):
-    from loss_references import make_logits, make_microbatch, ref_pairs, ref_sequence_logps, ref_token_logps
-
     from redi_megatron.parallel.loss_scaling import make_loss_func
     from redi_megatron.parallel.state import ParallelGroups
+
+    from loss_references import make_logits, make_microbatch, ref_pairs, ref_sequence_logps, ref_token_logps
 
     spec = get_loss(name)
     mb = make_microbatch(4, "pairs", "packed", with_ref=name == "dpo")

@@ -19,6 +19,7 @@ from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metr
 from redi_megatron.parallel.reductions import seq_ids_from_cu_seqlens, sequence_sums
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.testing.distributed import run_distributed
+
 from loss_references import VOCAB, close, isclose, make_logits, make_microbatch, ref_global
 
 BF16, FP32 = torch.bfloat16, torch.float32
@@ -263,6 +264,7 @@ def test_make_loss_func_rejects_bad_microbatches():
 
 def test_sequence_logps_func_for_the_dpo_reference_pass():
     from redi_megatron.parallel.loss_scaling import make_sequence_logps_func
+
     from loss_references import ref_sequence_logps, ref_token_logps
 
     mb = make_microbatch(12, "pairs", "padded")

@@ -54,8 +54,8 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
     from redi_megatron.models.output_head import return_hidden_states
     from redi_megatron.models.sharding import load_full_state_dict
     from redi_megatron.parallel.loss_scaling import make_loss_func, reduce_step_metrics
-    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.parallel.state import groups
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.training.step import run_schedule
 
     g = groups()

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from redi_megatron.parallel.context import (check_thd_boundaries, global_order_index,
-                                            thd_partition_index)
+from redi_megatron.parallel.context import check_thd_boundaries, global_order_index, thd_partition_index
 
 
 def _reference(cu: list[int], cp: int, rank: int) -> list[int]:

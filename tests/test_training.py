@@ -73,8 +73,8 @@ def _first_step_grads(cfg, plain: bool = False) -> dict:
     """
     from redi_megatron.models.inputs import model_inputs
     from redi_megatron.models.output_head import output_weight, returns_hidden_states
-    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.parallel.reductions import sequence_sums
+    from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.training.step import forward_backward
     from redi_megatron.training.trainer import setup
 

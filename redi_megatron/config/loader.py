@@ -27,7 +27,8 @@ import os
 import re
 import tempfile
 import typing
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 

@@ -11,8 +11,9 @@ A :class:`StepBatch` is what one optimizer step consumes on one data-parallel ra
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -112,7 +113,7 @@ class Microbatch:
 class StepBatch:
     """What one optimizer step consumes on one data-parallel rank."""
 
-    microbatches: List[Microbatch]
+    microbatches: list[Microbatch]
     global_num_loss_tokens: int  # over ALL DP ranks of this step (SFT normalizer)
     global_num_pairs: int  # over ALL DP ranks of this step (pair-loss normalizer)
     global_num_sequences: int

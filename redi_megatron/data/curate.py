@@ -19,8 +19,9 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import numpy as np
 
@@ -47,8 +48,8 @@ class CurationConfig:
     schema: str = "auto"  # auto | openr1-raw | openr1-raw-v1 | openr1-220k
     correctness_rule: str = "auto"  # see openr1.CORRECTNESS_RULES; auto = the schema's default
     require_valid: bool = True
-    valid_values: Tuple[str, ...] = ("yes",)
-    exclude_sources: Tuple[str, ...] = ("cn_k12",)
+    valid_values: tuple[str, ...] = ("yes",)
+    exclude_sources: tuple[str, ...] = ("cn_k12",)
     require_complete_reasoning: bool = True
     shuffle_seed: Optional[int] = 42  # None keeps the input order
     max_prompt_tokens: Optional[int] = 800
@@ -56,7 +57,7 @@ class CurationConfig:
     # The authors length-filtered the pair set only (their SFT set had no length filter).
     length_filter: str = "pairs"  # pairs | both | none
     length_measure: str = LENGTH_EXACT  # exact | authors
-    outputs: Tuple[str, ...] = OUTPUTS
+    outputs: tuple[str, ...] = OUTPUTS
     output_format: str = "hf"  # hf | jsonl
     system_prompt: Optional[str] = QWEN_MATH_SYSTEM_PROMPT
     eos_token: Optional[str] = "<|endoftext|>"
@@ -127,7 +128,7 @@ def _results(chunks: list, spec: WorkerSpec, num_proc: int):
         yield from pool.imap(process_chunk, chunks)
 
 
-def curate(cfg: CurationConfig, tokenizer: Any = None) -> Dict[str, Any]:
+def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     """Run the curation; returns the report (also written to ``<output>/curation_report.json``).
 
     ``tokenizer`` (a fast HF tokenizer) overrides loading ``cfg.tokenizer`` from disk. With

@@ -4,8 +4,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ PAIR_FEATURES = {
 FEATURES = {"positives": POSITIVE_FEATURES, "pairs": PAIR_FEATURES}
 
 
-def percentiles(values: Sequence[int]) -> Dict[str, float]:
+def percentiles(values: Sequence[int]) -> dict[str, float]:
     """min/p50/p90/p95/p99/p99.9/max/mean of a list of token counts ({} when empty)."""
     if len(values) == 0:
         return {}
@@ -45,11 +46,11 @@ class _OutputStats:
     def __init__(self) -> None:
         self.candidates = 0
         self.removed: Counter = Counter()
-        self.removed_rows: Dict[str, List[int]] = {}
+        self.removed_rows: dict[str, list[int]] = {}
         self.would_exceed = 0  # over the limits but kept (length filter not applied to this output)
-        self.lengths_all: Dict[str, List[int]] = {}
-        self.lengths_kept: Dict[str, List[int]] = {}
-        self.order: List[tuple] = []  # (shuffle_rank, byte offset in the temp file)
+        self.lengths_all: dict[str, list[int]] = {}
+        self.lengths_kept: dict[str, list[int]] = {}
+        self.order: list[tuple] = []  # (shuffle_rank, byte offset in the temp file)
 
     def drop(self, rule: str, index: int) -> bool:
         self.removed[rule] += 1
@@ -67,7 +68,7 @@ class Report:
         self.status: Counter = Counter()
         self.source_excluded: Counter = Counter()
         self.bad_kinds: Counter = Counter()
-        self.bad_rows: List[Dict[str, Any]] = []
+        self.bad_rows: list[dict[str, Any]] = []
         self.no_correct = self.no_incorrect = self.null_labels = self.incomplete = 0
         self.out = {name: _OutputStats() for name in cfg.outputs}
 
@@ -87,7 +88,7 @@ class Report:
         scope = self.cfg.length_filter
         return scope == "both" or (scope == "pairs" and name == "pairs")
 
-    def keep(self, name: str, rec: Dict[str, Any]) -> bool:
+    def keep(self, name: str, rec: dict[str, Any]) -> bool:
         """Apply the control-token and length rules to one record (in that order)."""
         st = self.out[name]
         st.candidates += 1
@@ -121,9 +122,10 @@ class Report:
         empty = [name for name in outputs if self.kept(name) == 0]
         if empty:
             self.print_summary()
-            raise UserError(f"curation produced no {' and no '.join(empty)} from {self.cfg.input}; see the counts above")
+            raise UserError(f"curation produced no {' and no '.join(empty)} from {self.cfg.input}; "
+                            "see the counts above")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         rows_ok = self.status.get("ok", 0)
         outputs = {}
         for name, st in self.out.items():
@@ -180,7 +182,7 @@ class Report:
         print("\n".join(lines), flush=True)
 
 
-def _sorted_records(path: str, offsets_file: str) -> Iterator[Dict[str, Any]]:
+def _sorted_records(path: str, offsets_file: str) -> Iterator[dict[str, Any]]:
     offsets = np.load(offsets_file)
     with open(path, "rb") as f:
         for off in offsets:

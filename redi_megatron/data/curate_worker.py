@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 from .openr1 import STATUS_BAD, STATUS_OK, WANTED_COLUMNS, RowOutcome, RowRules, evaluate_row
 from .readers import Chunk, read_chunk
@@ -32,11 +32,11 @@ class WorkerSpec:
 @dataclass
 class ChunkResult:
     num_rows: int
-    status_counts: Dict[str, int] = field(default_factory=dict)
-    source_excluded: Dict[str, int] = field(default_factory=dict)
-    bad_rows: List[Dict[str, Any]] = field(default_factory=list)
-    positives: List[Dict[str, Any]] = field(default_factory=list)
-    pairs: List[Dict[str, Any]] = field(default_factory=list)
+    status_counts: dict[str, int] = field(default_factory=dict)
+    source_excluded: dict[str, int] = field(default_factory=dict)
+    bad_rows: list[dict[str, Any]] = field(default_factory=list)
+    positives: list[dict[str, Any]] = field(default_factory=list)
+    pairs: list[dict[str, Any]] = field(default_factory=list)
     no_correct: int = 0
     no_incorrect: int = 0  # rows with a correct generation but no incorrect one
     null_labels: int = 0
@@ -58,7 +58,7 @@ def reason_kind(reason: str) -> str:
     return re.sub(r"\d+", "#", reason)
 
 
-def _authors_lengths(tok: Any, problem: str, gens: List[str], cfg: TemplateConfig) -> Tuple[int, List[int]]:
+def _authors_lengths(tok: Any, problem: str, gens: list[str], cfg: TemplateConfig) -> tuple[int, list[int]]:
     """The authors' length measure (study_length_distribution.py): prompt rendered without the generation
     prompt plus 1; each completion rendered as its own conversation (system turn + assistant turn) plus 1."""
     prompt = render_prompt(problem, cfg)[: -len(cfg.generation_prompt)]
@@ -68,14 +68,14 @@ def _authors_lengths(tok: Any, problem: str, gens: List[str], cfg: TemplateConfi
     return len(ids[0]) + 1, [len(x) + 1 for x in ids[1:]]
 
 
-def _measure(problem: str, gens: List[str], spec: WorkerSpec) -> Tuple[int, List[int]]:
+def _measure(problem: str, gens: list[str], spec: WorkerSpec) -> tuple[int, list[int]]:
     if spec.length_measure == LENGTH_AUTHORS:
         return _authors_lengths(spec.tokenizer, problem, gens, spec.template)
     prompt_ids = encode_prompts(spec.tokenizer, [problem], spec.template)[0]
     return len(prompt_ids), [len(x) for x in encode_completions(spec.tokenizer, gens, spec.template)]
 
 
-def _records(out: RowOutcome, index: int, where: Dict[str, Any], spec: WorkerSpec, res: ChunkResult) -> None:
+def _records(out: RowOutcome, index: int, where: dict[str, Any], spec: WorkerSpec, res: ChunkResult) -> None:
     f = out.fields
     gens = f["generations"]
     wanted = [i for i in (out.positive, out.negative) if i is not None]
@@ -109,7 +109,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     spec = _SPEC
     assert spec is not None, "init_worker was not called"
     res = ChunkResult(num_rows=0)
-    rel = os.path.relpath(chunk.path, spec.input_root) if os.path.isdir(spec.input_root) else os.path.basename(chunk.path)
+    rel = (os.path.relpath(chunk.path, spec.input_root) if os.path.isdir(spec.input_root)
+           else os.path.basename(chunk.path))
     for batch in read_chunk(chunk, WANTED_COLUMNS):
         for row, parse_error in batch:
             k = res.num_rows

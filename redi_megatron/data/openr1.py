@@ -11,8 +11,9 @@ Three published schemas are recognised from their columns:
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from redi_megatron.errors import UserError
 
@@ -22,7 +23,7 @@ SCHEMA_220K = "openr1-220k"
 SCHEMAS = (SCHEMA_RAW, SCHEMA_RAW_V1, SCHEMA_220K)
 
 # label name -> where it lives in each schema: (top-level column, key inside it or None)
-_LABEL_FIELDS: Dict[str, Dict[str, Tuple[str, Optional[str]]]] = {
+_LABEL_FIELDS: dict[str, dict[str, tuple[str, Optional[str]]]] = {
     SCHEMA_RAW: {
         "llama": ("correctness", "llama_verification"),
         "math_verify": ("correctness", "math_verify_answer"),
@@ -33,7 +34,7 @@ _LABEL_FIELDS: Dict[str, Dict[str, Tuple[str, Optional[str]]]] = {
 }
 
 # rule name -> (labels it reads, combine op)
-CORRECTNESS_RULES: Dict[str, Tuple[Tuple[str, ...], str]] = {
+CORRECTNESS_RULES: dict[str, tuple[tuple[str, ...], str]] = {
     "llama_and_reparsed": (("llama", "reparsed"), "and"),  # the paper's "LandMV"
     "llama_or_reparsed": (("llama", "reparsed"), "or"),
     "llama_and_math_verify": (("llama", "math_verify"), "and"),
@@ -85,8 +86,8 @@ class RowRules:
     schema: str
     correctness_rule: str  # resolved, never 'auto'
     require_valid: bool = True
-    valid_values: Tuple[str, ...] = ("yes",)
-    exclude_sources: Tuple[str, ...] = ("cn_k12",)
+    valid_values: tuple[str, ...] = ("yes",)
+    exclude_sources: tuple[str, ...] = ("cn_k12",)
     require_complete_reasoning: bool = True  # 220k only: incomplete traces are neither positive nor negative
 
 
@@ -106,7 +107,7 @@ class RowOutcome:
     num_generations: int = 0
     null_labels: int = 0  # label entries that were null (treated as false, as bool(None) in the paper)
     incomplete: int = 0  # 220k: generations excluded as incomplete
-    fields: Dict[str, Any] = field(default_factory=dict)  # problem, generations, answer, source, uuid
+    fields: dict[str, Any] = field(default_factory=dict)  # problem, generations, answer, source, uuid
 
 
 def _is_bool_like(v: Any) -> bool:
@@ -114,7 +115,7 @@ def _is_bool_like(v: Any) -> bool:
     return v is None or isinstance(v, bool) or (isinstance(v, int) and v in (0, 1))
 
 
-def _label_list(row: Mapping[str, Any], schema: str, label: str) -> Tuple[Optional[list], str]:
+def _label_list(row: Mapping[str, Any], schema: str, label: str) -> tuple[Optional[list], str]:
     col, key = _LABEL_FIELDS[schema][label]
     if col not in row or row[col] is None:
         return None, f"missing field {col}"
@@ -133,7 +134,7 @@ def _label_list(row: Mapping[str, Any], schema: str, label: str) -> Tuple[Option
     return list(value), col
 
 
-def _check_generations(row: Mapping[str, Any]) -> Tuple[Optional[list], str]:
+def _check_generations(row: Mapping[str, Any]) -> tuple[Optional[list], str]:
     gens = row.get("generations")
     if gens is None:
         return None, "missing field generations"

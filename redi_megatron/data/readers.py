@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from redi_megatron.errors import UserError
 
@@ -32,7 +33,7 @@ class Chunk:
     byte_end: int = 0  # jsonl
 
 
-def list_input_files(path: str) -> List[str]:
+def list_input_files(path: str) -> list[str]:
     """Sorted parquet/JSONL files under ``path`` (a file or a directory, searched recursively)."""
     if os.path.isfile(path):
         if not path.endswith(PARQUET_EXT + JSONL_EXT):
@@ -64,7 +65,7 @@ def _parquet_file(path: str):
         raise UserError(f"{path}: not a readable parquet file ({e})") from None
 
 
-def _parquet_chunks(path: str, first_index: int) -> List[Chunk]:
+def _parquet_chunks(path: str, first_index: int) -> list[Chunk]:
     meta = _parquet_file(path).metadata
     chunks, row = [], 0
     for g in range(meta.num_row_groups):
@@ -74,8 +75,8 @@ def _parquet_chunks(path: str, first_index: int) -> List[Chunk]:
     return chunks
 
 
-def _jsonl_chunks(path: str, first_index: int, rows_per_chunk: int) -> List[Chunk]:
-    chunks: List[Chunk] = []
+def _jsonl_chunks(path: str, first_index: int, rows_per_chunk: int) -> list[Chunk]:
+    chunks: list[Chunk] = []
     start, offset, rows, row_in_file = 0, 0, 0, 0
     with open(path, "rb") as f:
         for line in f:
@@ -91,9 +92,9 @@ def _jsonl_chunks(path: str, first_index: int, rows_per_chunk: int) -> List[Chun
     return chunks
 
 
-def plan_chunks(files: Sequence[str], rows_per_chunk: int = 512) -> List[Chunk]:
+def plan_chunks(files: Sequence[str], rows_per_chunk: int = 512) -> list[Chunk]:
     """Chunks covering every row of ``files`` in order."""
-    chunks: List[Chunk] = []
+    chunks: list[Chunk] = []
     total = 0
     for path in files:
         new = _parquet_chunks(path, total) if path.endswith(PARQUET_EXT) else _jsonl_chunks(path, total, rows_per_chunk)
@@ -102,7 +103,7 @@ def plan_chunks(files: Sequence[str], rows_per_chunk: int = 512) -> List[Chunk]:
     return chunks
 
 
-def file_columns(path: str) -> List[str]:
+def file_columns(path: str) -> list[str]:
     """Column names of a file (JSONL: keys of its first row that parses as an object)."""
     if path.endswith(PARQUET_EXT):
         return list(_parquet_file(path).schema_arrow.names)
@@ -120,10 +121,10 @@ def file_columns(path: str) -> List[str]:
 
 
 # A row as read: the parsed object, or an error string when the line is not valid JSON.
-RawRow = Tuple[Optional[Dict[str, Any]], str]
+RawRow = tuple[Optional[dict[str, Any]], str]
 
 
-def read_chunk(chunk: Chunk, columns: Sequence[str], batch_rows: int = 256) -> Iterator[List[RawRow]]:
+def read_chunk(chunk: Chunk, columns: Sequence[str], batch_rows: int = 256) -> Iterator[list[RawRow]]:
     """Rows of one chunk in order, in lists of up to ``batch_rows``."""
     if chunk.kind == "parquet":
         import pyarrow.parquet as pq
@@ -133,7 +134,7 @@ def read_chunk(chunk: Chunk, columns: Sequence[str], batch_rows: int = 256) -> I
         for batch in pf.iter_batches(batch_size=batch_rows, row_groups=[chunk.row_group], columns=cols):
             yield [(r, "") for r in batch.to_pylist()]
         return
-    out: List[RawRow] = []
+    out: list[RawRow] = []
     with open(chunk.path, "rb") as f:
         f.seek(chunk.byte_start)
         data = f.read(chunk.byte_end - chunk.byte_start)

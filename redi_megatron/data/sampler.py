@@ -22,8 +22,9 @@ interleaved schedule exchanges no shapes, so they stay fixed within a step); ``"
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterator, List, Protocol, Tuple
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class PackableDataset(Protocol):
     def __len__(self) -> int: ...
     def seq_lengths(self) -> np.ndarray: ...  # int [n, k] total tokens per sequence
     def loss_token_counts(self) -> np.ndarray: ...  # int [n, k]
-    def sequences(self, i: int) -> List[SequenceSpec]: ...
+    def sequences(self, i: int) -> list[SequenceSpec]: ...
 
 
 @dataclass(frozen=True)
@@ -73,12 +74,12 @@ class PackingConfig:
 
 
 # A placed sequence: (sample id, index of the sequence within its sample).
-Slot = Tuple[int, int]
+Slot = tuple[int, int]
 
 
 @dataclass
 class _Bin:
-    row: List[Slot]
+    row: list[Slot]
     used: int = 0
     tokens: int = 0
 
@@ -90,7 +91,7 @@ class StepPlan:
     epoch: int
     step: int
     sample_ids: np.ndarray
-    ranks: List[List[List[Slot]]]
+    ranks: list[list[list[Slot]]]
     num_loss_tokens: int
     num_pairs: int
     num_sequences: int
@@ -145,11 +146,11 @@ class PackedStepSampler:
             self._perm_epoch = epoch
         return self._perm
 
-    def _pack(self, samples: np.ndarray) -> List[_Bin]:
+    def _pack(self, samples: np.ndarray) -> list[_Bin]:
         """First-fit-decreasing: each sample (all its sequences) goes to the first row it fits."""
         S = self.cfg.micro_batch_tokens
         order = sorted(samples.tolist(), key=lambda i: (-int(self._padded[i].sum()), i))
-        bins: List[_Bin] = []
+        bins: list[_Bin] = []
         for i in order:
             need = int(self._padded[i].sum())
             b = next((b for b in bins if b.used + need <= S), None)
@@ -161,9 +162,9 @@ class PackedStepSampler:
             b.tokens += int(self._lengths[i].sum())
         return bins
 
-    def _balance(self, samples: np.ndarray) -> List[List[int]]:
+    def _balance(self, samples: np.ndarray) -> list[list[int]]:
         """Samples per DP rank: largest first, each to the rank with the fewest padded tokens so far."""
-        ranks: List[List[int]] = [[] for _ in range(self.dp_size)]
+        ranks: list[list[int]] = [[] for _ in range(self.dp_size)]
         load = [0] * self.dp_size
         for i in sorted(samples.tolist(), key=lambda i: (-int(self._padded[i].sum()), i)):
             r = min(range(self.dp_size), key=lambda r: (load[r], r))
@@ -188,10 +189,10 @@ class PackedStepSampler:
         )
 
     # ------------------------------------------------------------- materializing
-    def _row_tokens(self, row: List[Slot]) -> int:
+    def _row_tokens(self, row: list[Slot]) -> int:
         return sum(int(self._padded[i, j]) for i, j in row)
 
-    def row_length(self, plan: StepPlan, row: List[Slot]) -> int:
+    def row_length(self, plan: StepPlan, row: list[Slot]) -> int:
         """``T`` of one microbatch of ``plan`` under ``row_shape``."""
         m, shape = self.cfg.pad_to_multiple_of, self.cfg.row_shape
         if shape == "static":
@@ -204,8 +205,8 @@ class PackedStepSampler:
         k = self.cfg.microbatch_multiple
         return -(-max(len(r) for r in plan.ranks) // k) * k
 
-    def _microbatch(self, row: List[Slot], row_len: int) -> Microbatch:
-        cache: Dict[int, List[SequenceSpec]] = {}
+    def _microbatch(self, row: list[Slot], row_len: int) -> Microbatch:
+        cache: dict[int, list[SequenceSpec]] = {}
         specs = []
         for i, j in row:
             if i not in cache:
@@ -214,7 +215,7 @@ class PackedStepSampler:
         return build_microbatch(specs, row_len, self.pad_id, self.cfg.pad_to_multiple_of,
                                 with_ref_logps=self.dataset.has_ref_logps)
 
-    def _rows_of_rank(self, plan: StepPlan, rank: int) -> List[List[Slot]]:
+    def _rows_of_rank(self, plan: StepPlan, rank: int) -> list[list[Slot]]:
         mine = plan.ranks[rank]
         if self.cfg.equalize_microbatches:
             mine = mine + [[]] * (self.microbatches_per_rank(plan) - len(mine))
@@ -243,17 +244,17 @@ class PackedStepSampler:
             yield self.next_step()
 
     # --------------------------------------------------------------- checkpoint
-    def _identity(self) -> Dict[str, Any]:
+    def _identity(self) -> dict[str, Any]:
         cfg = asdict(self.cfg)
         return {"num_samples": len(self.dataset), "kind": self.dataset.kind,
                 "sequence_lengths_sum": int(self._lengths.sum()),
                 **{k: cfg[k] for k in ("global_batch_size", "seed", "shuffle", "drop_last")}}
 
-    def state_dict(self) -> Dict[str, Any]:
+    def state_dict(self) -> dict[str, Any]:
         """Position plus what defines the sample order (checked on load)."""
         return {"version": STATE_VERSION, "epoch": self.epoch, "step": self.step, **self._identity()}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at ``state``'s position. ValueError if the data or the order-defining settings changed
         (the resumed run would not see the same batches). DP size and packing settings may change:
         each step keeps the same samples, only their layout differs."""
@@ -266,7 +267,7 @@ class PackedStepSampler:
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
 
     # ----------------------------------------------------------------- metrics
-    def efficiency(self, plan: StepPlan) -> Dict[str, float]:
+    def efficiency(self, plan: StepPlan) -> dict[str, float]:
         """Token accounting of ``plan`` over all DP ranks.
 
         efficiency = real tokens / allocated tokens (all microbatches, padding included);

@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import random
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from collections.abc import Iterable
+from typing import Any, Optional
 
 # category -> number of rows in the current-schema fixture
-RAW_LAYOUT: Dict[str, int] = {
+RAW_LAYOUT: dict[str, int] = {
     "pair": 150,  # valid, >= 1 correct and >= 1 incorrect generation
     "only_correct": 40,
     "only_incorrect": 25,
@@ -41,7 +42,7 @@ def _sentence(rng: random.Random) -> str:
     return " ".join(rng.choice(_WORDS) for _ in range(12)).capitalize() + "."
 
 
-def _problem(rng: random.Random, k: int, long: bool = False) -> Tuple[str, str]:
+def _problem(rng: random.Random, k: int, long: bool = False) -> tuple[str, str]:
     a, b = rng.randint(2, 999), rng.randint(2, 999)
     filler = " ".join(_sentence(rng) for _ in range(30 if long else rng.randint(0, 3)))
     return f"Problem {k}: compute ${a} + {b}$. {filler}".strip(), str(a + b)
@@ -53,7 +54,7 @@ def _generation(rng: random.Random, answer: str, correct: bool, long: bool = Fal
     return f"<think>\n{steps}\n</think>\n\nThe answer is $\\boxed{{{shown}}}$."
 
 
-def _labels(rng: random.Random, correct: bool) -> Tuple[Optional[bool], bool, bool]:
+def _labels(rng: random.Random, correct: bool) -> tuple[Optional[bool], bool, bool]:
     """(llama_verification, math_verify_answer, math_verify_reparsed_answer) for one generation."""
     if correct:
         return True, rng.random() < 0.9, True
@@ -63,7 +64,7 @@ def _labels(rng: random.Random, correct: bool) -> Tuple[Optional[bool], bool, bo
     return llama, reparsed, reparsed
 
 
-def _pattern(rng: random.Random, category: str) -> List[bool]:
+def _pattern(rng: random.Random, category: str) -> list[bool]:
     n = rng.randint(2, 4)
     if category == "only_correct":
         return [True] * n
@@ -76,9 +77,9 @@ def _pattern(rng: random.Random, category: str) -> List[bool]:
     return flags
 
 
-def openr1_row(problem: str, solution: str, answer: str, generations: List[str],
-               labels: List[Tuple[Optional[bool], bool, bool]], *, problem_type: str, source: str,
-               synthetic: bool, problem_is_valid: Any = "Yes") -> Dict[str, Any]:
+def openr1_row(problem: str, solution: str, answer: str, generations: list[str],
+               labels: list[tuple[Optional[bool], bool, bool]], *, problem_type: str, source: str,
+               synthetic: bool, problem_is_valid: Any = "Yes") -> dict[str, Any]:
     """One row in the current OpenR1-Math-Raw schema.
 
     ``labels``: per generation ``(llama_verification, math_verify_answer, math_verify_reparsed_answer)``.
@@ -97,7 +98,7 @@ def openr1_row(problem: str, solution: str, answer: str, generations: List[str],
     }
 
 
-def _row(rng: random.Random, k: int, category: str) -> Dict[str, Any]:
+def _row(rng: random.Random, k: int, category: str) -> dict[str, Any]:
     problem, answer = _problem(rng, k, long=category == "long_prompt")
     flags = _pattern(rng, category)
     first_true, first_false = flags.index(True) if True in flags else -1, flags.index(False) if False in flags else -1
@@ -116,7 +117,7 @@ def _row(rng: random.Random, k: int, category: str) -> Dict[str, Any]:
                       source=source, synthetic=False, problem_is_valid=valid)
 
 
-def _bad_row(rng: random.Random, k: int, kind: str) -> Dict[str, Any]:
+def _bad_row(rng: random.Random, k: int, kind: str) -> dict[str, Any]:
     row = _row(rng, k, "pair")
     corr = row["correctness"]
     if kind == "misaligned":
@@ -142,7 +143,7 @@ def _bad_row(rng: random.Random, k: int, kind: str) -> Dict[str, Any]:
     return row
 
 
-def raw_rows(seed: int = 0) -> Tuple[List[Dict[str, Any]], List[str]]:
+def raw_rows(seed: int = 0) -> tuple[list[dict[str, Any]], list[str]]:
     """(rows, category of each row) in the current OpenR1-Math-Raw schema, in a seeded random order.
 
     Bad rows have the category ``"bad:<kind>"`` with a kind from ``BAD_KINDS``.
@@ -162,7 +163,7 @@ def raw_rows(seed: int = 0) -> Tuple[List[Dict[str, Any]], List[str]]:
     return rows, cats
 
 
-def raw_v1_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
+def raw_v1_rows(seed: int = 0, n: int = 40) -> list[dict[str, Any]]:
     """Earlier OpenR1-Math-Raw schema: ``correctness_math_verify`` + ``correct_count``."""
     rows = []
     rows_, cats = raw_rows(seed)
@@ -177,7 +178,7 @@ def raw_v1_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
     return rows[:n]
 
 
-def openr1_220k_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
+def openr1_220k_rows(seed: int = 0, n: int = 40) -> list[dict[str, Any]]:
     """OpenR1-Math-220k schema (no ``problem_is_valid``; ``is_reasoning_complete``; llama may be null)."""
     rng = random.Random(seed + 1)
     rows = []
@@ -197,7 +198,7 @@ def openr1_220k_rows(seed: int = 0, n: int = 40) -> List[Dict[str, Any]]:
     return rows
 
 
-def write_jsonl(rows: Iterable[Dict[str, Any]], path: str) -> str:
+def write_jsonl(rows: Iterable[dict[str, Any]], path: str) -> str:
     """Write rows as JSON Lines, atomically (creating parent directories); returns ``path``."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
@@ -208,7 +209,7 @@ def write_jsonl(rows: Iterable[Dict[str, Any]], path: str) -> str:
     return path
 
 
-def tiny_tokenizer(vocab_size: int = 400, corpus: Optional[List[str]] = None) -> Any:
+def tiny_tokenizer(vocab_size: int = 400, corpus: Optional[list[str]] = None) -> Any:
     """A small byte-level BPE ``PreTrainedTokenizerFast`` with the Qwen chat special tokens.
 
     Trained in well under a second on synthetic math text (or ``corpus``); works with every function

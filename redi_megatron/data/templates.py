@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, List, Optional, Sequence
+from typing import Any, Optional
 
 from redi_megatron.errors import UserError
 
@@ -140,33 +141,33 @@ def check_tokenizer(tokenizer: Any, cfg: TemplateConfig, where: str = "tokenizer
     eos_token_id(tokenizer, cfg)
 
 
-def _encode(tokenizer: Any, texts: Sequence[str]) -> List[List[int]]:
+def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     return [list(x) for x in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
 
 
-def encode_prompts(tokenizer: Any, problems: Sequence[str], cfg: TemplateConfig = TemplateConfig()) -> List[List[int]]:
+def encode_prompts(tokenizer: Any, problems: Sequence[str], cfg: TemplateConfig = TemplateConfig()) -> list[list[int]]:
     """Token ids of the rendered training prompts (batched; the fast tokenizer uses its Rust threads)."""
     return _encode(tokenizer, [render_prompt(p, cfg) for p in problems])
 
 
 def encode_completions(
     tokenizer: Any, generations: Sequence[str], cfg: TemplateConfig = TemplateConfig()
-) -> List[List[int]]:
+) -> list[list[int]]:
     """Token ids of ``generation + end_of_turn`` followed by the EOS id, one list per generation."""
     eos = eos_token_id(tokenizer, cfg)
     return [ids + [eos] for ids in _encode(tokenizer, [render_completion(g, cfg) for g in generations])]
 
 
-def encode_prompt(tokenizer: Any, problem: str, cfg: TemplateConfig = TemplateConfig()) -> List[int]:
+def encode_prompt(tokenizer: Any, problem: str, cfg: TemplateConfig = TemplateConfig()) -> list[int]:
     """Token ids of one rendered training prompt."""
     return encode_prompts(tokenizer, [problem], cfg)[0]
 
 
-def encode_completion(tokenizer: Any, generation: str, cfg: TemplateConfig = TemplateConfig()) -> List[int]:
+def encode_completion(tokenizer: Any, generation: str, cfg: TemplateConfig = TemplateConfig()) -> list[int]:
     """Token ids of one completion (end-of-turn and EOS included)."""
     return encode_completions(tokenizer, [generation], cfg)[0]
 
 
-def encode_eval_prompt(tokenizer: Any, problem: str, cfg: TemplateConfig = TemplateConfig()) -> List[int]:
+def encode_eval_prompt(tokenizer: Any, problem: str, cfg: TemplateConfig = TemplateConfig()) -> list[int]:
     """Token ids of the evaluation prompt that forces thinking."""
     return _encode(tokenizer, [render_eval_prompt(problem, cfg)])[0]

@@ -18,8 +18,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import asdict
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Optional, Union
 
 import numpy as np
 
@@ -36,7 +37,8 @@ ROWS_PER_TASK = 1000
 
 
 def default_cache_dir() -> str:
-    return os.environ.get("REDI_DATA_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "redi_megatron", "tokenized"))
+    default = os.path.join(os.path.expanduser("~"), ".cache", "redi_megatron", "tokenized")
+    return os.environ.get("REDI_DATA_CACHE", default)
 
 
 class TokenizedDataset:
@@ -71,7 +73,8 @@ class TokenizedDataset:
                 raise UserError(f"ref_logps must be [{len(self)}, 2] for a pair dataset, got {values.shape} "
                                  f"for a {self.kind} dataset")
             if not np.isfinite(values).all():
-                raise UserError(f"ref_logps has non-finite values, e.g. sample {int(np.argwhere(~np.isfinite(values))[0][0])}")
+                first = int(np.argwhere(~np.isfinite(values))[0][0])
+                raise UserError(f"ref_logps has non-finite values, e.g. sample {first}")
         self._ref_logps = values
 
     @property
@@ -90,10 +93,10 @@ class TokenizedDataset:
         s = i * self._k + j
         return np.asarray(self.tokens[self.offsets[s]:self.offsets[s + 1]], dtype=np.int64)
 
-    def __getitem__(self, i: int) -> Dict[str, Any]:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(i)
-        out: Dict[str, Any] = {"sample_id": i, "prompt_ids": self._segment(i, 0)}
+        out: dict[str, Any] = {"sample_id": i, "prompt_ids": self._segment(i, 0)}
         if self.kind == KIND_SFT:
             out["completion_ids"] = self._segment(i, 1)
         else:
@@ -102,7 +105,7 @@ class TokenizedDataset:
                 out["chosen_ref_logp"], out["rejected_ref_logp"] = map(float, self.ref_logps[i])
         return out
 
-    def sequences(self, i: int) -> List[SequenceSpec]:
+    def sequences(self, i: int) -> list[SequenceSpec]:
         """The sequences of sample ``i`` (SFT: one; pair: chosen then rejected)."""
         prompt = self._segment(i, 0)
         P = int(prompt.shape[0])
@@ -122,7 +125,7 @@ def _is_hf_dir(path: str) -> bool:
     )
 
 
-def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
+def _iter_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row index, row) of an HF dataset on disk or a JSONL file."""
     if _is_hf_dir(path):
         import datasets
@@ -156,7 +159,7 @@ def _iter_rows(path: str) -> Iterator[Tuple[int, Dict[str, Any]]]:
             i += 1
 
 
-def _message_pair(value: Any, where: str, col: str) -> Tuple[str, str]:
+def _message_pair(value: Any, where: str, col: str) -> tuple[str, str]:
     """(user content, assistant content) of a [user, assistant] message list."""
     if (isinstance(value, list) and len(value) == 2 and all(isinstance(m, dict) for m in value)
             and value[0].get("role") == "user" and value[1].get("role") == "assistant"):
@@ -170,11 +173,12 @@ def _text(value: Any, where: str, col: str) -> str:
     return value
 
 
-def _extract(kind: str, row: Dict[str, Any], where: str) -> Tuple[List[str], Optional[Tuple[float, float]]]:
+def _extract(kind: str, row: dict[str, Any], where: str) -> tuple[list[str], Optional[tuple[float, float]]]:
     """[problem, completion(s)...] and the optional reference log-probs of one row."""
     if kind == KIND_SFT:
         if "completion" in row or "problem" in row:
-            return [_text(row.get("problem"), where, "problem"), _text(row.get("completion"), where, "completion")], None
+            return [_text(row.get("problem"), where, "problem"),
+                    _text(row.get("completion"), where, "completion")], None
         user, reply = _message_pair(row.get("messages"), where, "messages")
         return [_text(user, where, "messages[0].content"), _text(reply, where, "messages[1].content")], None
     texts = []
@@ -203,7 +207,7 @@ def _extract(kind: str, row: Dict[str, Any], where: str) -> Tuple[List[str], Opt
 
 
 # ------------------------------------------------------------------------------------ tokenization
-_WORKER: Dict[str, Any] = {}
+_WORKER: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer: Any, template: TemplateConfig) -> None:
@@ -211,7 +215,7 @@ def _init_worker(tokenizer: Any, template: TemplateConfig) -> None:
     _WORKER.update(tokenizer=tokenizer, template=template)
 
 
-def _tokenize_task(task: Tuple[str, List[List[str]]]) -> List[List[np.ndarray]]:
+def _tokenize_task(task: tuple[str, list[list[str]]]) -> list[list[np.ndarray]]:
     """Token id arrays of each row's segments (prompt, completion(s)...)."""
     kind, rows = task
     tok, cfg = _WORKER["tokenizer"], _WORKER["template"]
@@ -222,8 +226,8 @@ def _tokenize_task(task: Tuple[str, List[List[str]]]) -> List[List[np.ndarray]]:
             for i in range(len(rows))]
 
 
-def _tasks(kind: str, path: str, refs: List[Optional[Tuple[float, float]]]) -> Iterator[Tuple[str, List[List[str]]]]:
-    chunk: List[List[str]] = []
+def _tasks(kind: str, path: str, refs: list[Optional[tuple[float, float]]]) -> Iterator[tuple[str, list[list[str]]]]:
+    chunk: list[list[str]] = []
     for i, row in _iter_rows(path):
         texts, ref = _extract(kind, row, f"{path} row {i}")
         refs.append(ref)
@@ -251,7 +255,7 @@ def _write(kind: str, path: str, out_dir: str, tokenizer: Any, template: Templat
            progress: bool) -> None:
     from tqdm import tqdm
 
-    refs: List[Optional[Tuple[float, float]]] = []
+    refs: list[Optional[tuple[float, float]]] = []
     offsets = [0]
     with open(os.path.join(out_dir, "tokens.bin"), "wb") as f:
         bar = tqdm(desc=f"tokenize {kind}", unit="row", disable=not progress, mininterval=2.0)
@@ -272,7 +276,7 @@ def _write(kind: str, path: str, out_dir: str, tokenizer: Any, template: Templat
         np.save(os.path.join(out_dir, "ref_logps.npy"), np.asarray(refs, dtype=np.float64))
 
 
-def _fingerprint_input(path: str) -> List[Any]:
+def _fingerprint_input(path: str) -> list[Any]:
     path = os.path.abspath(path)
     files = [path] if os.path.isfile(path) else sorted(
         os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if not n.startswith(".")

@@ -14,7 +14,8 @@ import os
 import shutil
 import sys
 import time
-from typing import List, Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from redi_megatron.demo.config import config_for
 from redi_megatron.demo.runner import STATE_FILE, Context, StageError, missing_tools, run_stages
@@ -119,7 +120,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run(argv)
     except (UserError, StageError) as exc:

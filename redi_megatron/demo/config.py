@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 from redi_megatron.demo.model import DemoModelSpec
 from redi_megatron.demo.teacher import TaskConfig
@@ -76,7 +76,7 @@ class DemoConfig:
         if self.eval.backend not in ("hf", "vllm"):
             raise UserError(f"eval.backend must be 'hf' or 'vllm', got {self.eval.backend!r}")
 
-    def to_dict(self) -> Dict[str, Any]:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Dict
+from typing import Any
 
 from redi_megatron.demo.tokenizer import ENDOFTEXT, IM_END
 from redi_megatron.errors import UserError
@@ -58,11 +58,12 @@ class DemoModelSpec:
             num_hidden_layers=self.num_layers, num_attention_heads=self.num_attention_heads,
             num_key_value_heads=self.num_query_groups, max_position_embeddings=self.max_position_embeddings,
             rope_theta=self.rope_theta, rms_norm_eps=self.norm_eps, initializer_range=self.init_method_std,
-            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu", attention_dropout=0.0, use_sliding_window=False,
+            tie_word_embeddings=self.tie_word_embeddings, hidden_act="silu", attention_dropout=0.0,
+            use_sliding_window=False,
             bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, torch_dtype="float32",
         )
 
-    def trainer_overrides(self) -> Dict[str, Any]:
+    def trainer_overrides(self) -> dict[str, Any]:
         """``model.*`` fields of the run-config schema (``redi_megatron.models.config.ModelConfig``)."""
         return {
             "family": "qwen2", "num_layers": self.num_layers, "hidden_size": self.hidden_size,

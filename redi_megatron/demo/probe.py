@@ -23,12 +23,13 @@ import json
 import os
 import tempfile
 import time
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 from redi_megatron.demo.model import DemoModelSpec
 
 
-def _pad(seqs: Sequence[Tuple[Sequence[int], Sequence[int]]], pad_id: int):
+def _pad(seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int):
     """(prompt, completion) id lists -> input_ids [B, S], loss_mask [B, S-1] (1 where the label is completion)."""
     import torch
 
@@ -55,8 +56,8 @@ def _schedule(step: int, total: int, warmup: float) -> float:
     return (step + 1) / w if step < w else max(0.0, (total - step) / max(1, total - w))
 
 
-def train(model: Any, batches: List[Any], loss_kind: str, lr: float, alpha: float = 0.8,
-          warmup: float = 0.1, gamma: float = 0.0, log: List[Dict[str, float]] = None) -> Tuple[float, float]:
+def train(model: Any, batches: list[Any], loss_kind: str, lr: float, alpha: float = 0.8,
+          warmup: float = 0.1, gamma: float = 0.0, log: list[dict[str, float]] = None) -> tuple[float, float]:
     """Adam with linear warmup/decay over ``batches``; returns (wall, process CPU) seconds per step.
 
     CPU seconds divided by the threads used estimate the wall time on an idle machine (the shared
@@ -100,11 +101,11 @@ def train(model: Any, batches: List[Any], loss_kind: str, lr: float, alpha: floa
     return (time.perf_counter() - start) / n, (time.process_time() - cpu) / n
 
 
-def _batches(items: List[Any], batch: int, steps: int, seed: int) -> List[List[Any]]:
+def _batches(items: list[Any], batch: int, steps: int, seed: int) -> list[list[Any]]:
     import random
 
     rng = random.Random(seed)
-    order: List[Any] = []
+    order: list[Any] = []
     out = []
     for _ in range(steps):
         if len(order) < batch:
@@ -144,8 +145,8 @@ def throughput(args: argparse.Namespace) -> None:
                           "tokens_per_cpu_s": round(tokens / cpu)}), flush=True)
 
 
-def _greedy_accuracy(model: Any, tok: Any, problems: List[Tuple[int, int]], texts: List[str],
-                     max_new_tokens: int) -> Tuple[float, Dict[int, float]]:
+def _greedy_accuracy(model: Any, tok: Any, problems: list[tuple[int, int]], texts: list[str],
+                     max_new_tokens: int) -> tuple[float, dict[int, float]]:
     """Greedy exact-match accuracy overall and by the longer operand's digit count."""
     import re
 
@@ -165,7 +166,7 @@ def _greedy_accuracy(model: Any, tok: Any, problems: List[Tuple[int, int]], text
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tok.pad_token_id, eos_token_id=[tok.convert_tokens_to_ids("<|im_end|>")])
     model.train()
-    by_len: Dict[int, List[bool]] = {}
+    by_len: dict[int, list[bool]] = {}
     for i, (a, b) in enumerate(problems):
         m = re.search(r"\\boxed\{(\d+)\}", tok.decode(out[i, width:]))
         by_len.setdefault(max(len(str(a)), len(str(b))), []).append(bool(m) and m.group(1) == str(a + b))
@@ -210,7 +211,7 @@ def curve(args: argparse.Namespace) -> None:
     model = Qwen2ForCausalLM(spec.hf_config(tok))
     batches = _batches(items, args.batch, args.steps, args.seed)
     for start in range(0, args.steps, args.every):
-        log: List[Dict[str, float]] = []
+        log: list[dict[str, float]] = []
         # one schedule over all steps, trained in slices so accuracy can be measured in between
         sec, cpu = train_slice(model, batches, start, min(start + args.every, args.steps), args.lr, log)
         acc, by_len = _greedy_accuracy(model, tok, held, held_texts, args.max_new_tokens)
@@ -219,8 +220,8 @@ def curve(args: argparse.Namespace) -> None:
                           "cpu_s_per_step": round(cpu, 3)}), flush=True)
 
 
-def train_slice(model: Any, batches: List[Any], start: int, stop: int, lr: float,
-                log: List[Dict[str, float]], warmup: float = 0.1) -> Tuple[float, float]:
+def train_slice(model: Any, batches: list[Any], start: int, stop: int, lr: float,
+                log: list[dict[str, float]], warmup: float = 0.1) -> tuple[float, float]:
     """SFT steps ``[start, stop)`` of a schedule over ``len(batches)`` steps (optimizer kept on the model)."""
     import torch
 
@@ -243,7 +244,7 @@ def train_slice(model: Any, batches: List[Any], start: int, stop: int, lr: float
 
 
 def _evaluate(model: Any, tok: Any, eval_path: str, n: int, work: str, name: str, limit: int,
-              seed: int = 0, max_new_tokens: int = 160) -> Dict[str, Any]:
+              seed: int = 0, max_new_tokens: int = 160) -> dict[str, Any]:
     from redi_megatron.eval.config import EvalConfig
     from redi_megatron.eval.runner import run_eval
 
@@ -257,7 +258,8 @@ def _evaluate(model: Any, tok: Any, eval_path: str, n: int, work: str, name: str
     t = time.perf_counter()
     rep = run_eval(cfg)
     b = next(iter(rep["benchmarks"].values()))
-    return {"pass@1": round(b["pass@1"], 4), "sem_rllm": round(b["sem"], 4), "eval_s": round(time.perf_counter() - t, 1)}
+    return {"pass@1": round(b["pass@1"], 4), "sem_rllm": round(b["sem"], 4),
+            "eval_s": round(time.perf_counter() - t, 1)}
 
 
 def experiment(args: argparse.Namespace) -> None:
@@ -289,7 +291,7 @@ def experiment(args: argparse.Namespace) -> None:
     pair_items = list(zip(encode_prompts(tok, [r["problem"] for r in pairs]),
                           encode_completions(tok, [r["chosen"] for r in pairs]),
                           encode_completions(tok, [r["rejected"] for r in pairs])))
-    result: Dict[str, Any] = {"args": vars(args), "positives": len(pos), "pairs": len(pairs),
+    result: dict[str, Any] = {"args": vars(args), "positives": len(pos), "pairs": len(pairs),
                               "data_s": round(time.perf_counter() - t0, 1)}
     spec = DemoModelSpec(num_layers=args.layers, hidden_size=args.hidden, ffn_hidden_size=4 * args.hidden,
                          tie_word_embeddings=not args.untied)
@@ -304,18 +306,19 @@ def experiment(args: argparse.Namespace) -> None:
     else:
         torch.manual_seed(args.seed)
         model = Qwen2ForCausalLM(spec.hf_config(tok))
-        sft_log: List[Dict[str, float]] = []
+        sft_log: list[dict[str, float]] = []
         sec, cpu = train(model, _batches(sft_items, args.batch, args.sft_steps, args.seed), "sft", args.lr,
                          log=sft_log)
         result["sft"] = {"steps": args.sft_steps, "lr": args.lr, "wall_s_per_step": round(sec, 3),
                          "cpu_s_per_step": round(cpu, 3), "final_loss": sft_log[-1]["loss"]}
-        result["sft"].update(_evaluate(model, tok, teacher.eval_path, args.n, work, "sft", args.eval_limit, args.seed, args.max_new_tokens))
+        result["sft"].update(_evaluate(model, tok, teacher.eval_path, args.n, work, "sft", args.eval_limit,
+                                       args.seed, args.max_new_tokens))
         with open(os.path.join(sft_dir, "probe_sft.json"), "w") as f:
             json.dump(result["sft"], f)
     print(json.dumps(result), flush=True)
     for name, alpha in (("redi", args.alpha), ("control", 0.0))[: 1 if args.skip_control else 2]:
         m2 = copy.deepcopy(model)
-        log: List[Dict[str, float]] = []
+        log: list[dict[str, float]] = []
         sec, cpu = train(m2, _batches(pair_items, args.pair_batch, args.stage2_steps, args.seed + 1), "pairs",
                          args.stage2_lr, alpha=alpha, gamma=args.gamma if alpha else 0.0, log=log)
         result[name] = {"wall_s_per_step": round(sec, 3), "cpu_s_per_step": round(cpu, 3), "final": log[-1]}

@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -32,14 +33,14 @@ def verdicts(eval_dir: str, problems_path: str, n: int) -> np.ndarray:
     return matrix
 
 
-def pass1_se(v: np.ndarray) -> Tuple[float, float]:
+def pass1_se(v: np.ndarray) -> tuple[float, float]:
     """(pass@1, SE over problems). v: ``[problems, n]`` of 0/1."""
     per_problem = v.mean(axis=1)
     se = float(per_problem.std(ddof=1) / math.sqrt(len(per_problem))) if len(per_problem) > 1 else float("nan")
     return float(per_problem.mean()), se
 
 
-def paired_difference(a: np.ndarray, b: np.ndarray) -> Tuple[float, float]:
+def paired_difference(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     """(mean of a - b, its SE) with both ``[problems, n]`` on the same problems in the same order."""
     assert a.shape[0] == b.shape[0], (a.shape, b.shape)
     d = a.mean(axis=1) - b.mean(axis=1)
@@ -56,7 +57,7 @@ def verdict_text(diff: float, se: float) -> str:
     return f"within 2 SE (z = {z:+.1f}): not distinguishable at this scale"
 
 
-def summarize(out: str, names: Sequence[str], n: int) -> Dict[str, Any]:
+def summarize(out: str, names: Sequence[str], n: int) -> dict[str, Any]:
     problems = os.path.join(out, "teacher", "eval.jsonl")
     mats = {name: verdicts(os.path.join(out, "eval", name), problems, n) for name in names}
     rows = {}
@@ -79,7 +80,7 @@ def _pct(x: float) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{100 * x:.1f}"
 
 
-def render(summary: Dict[str, Any], cfg: Any, stage_seconds: Dict[str, float]) -> str:
+def render(summary: dict[str, Any], cfg: Any, stage_seconds: dict[str, float]) -> str:
     e = cfg.eval
     lines = [
         "# redi-demo results", "",
@@ -105,7 +106,7 @@ def render(summary: Dict[str, Any], cfg: Any, stage_seconds: Dict[str, float]) -
     return "\n".join(lines) + "\n"
 
 
-def write_results(out: str, cfg: Any, names: List[str]) -> str:
+def write_results(out: str, cfg: Any, names: list[str]) -> str:
     """Write ``results.json`` and ``results.md`` into ``out``; returns the Markdown."""
     from redi_megatron.demo.runner import load_state
 

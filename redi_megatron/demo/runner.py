@@ -15,8 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Optional
 
 from redi_megatron.errors import UserError
 
@@ -65,7 +66,7 @@ class Stage:
     name: str
     title: str
     run: Callable[["Context"], None]
-    check: Callable[["Context"], List[str]]
+    check: Callable[["Context"], list[str]]
     tools: Sequence[Tool] = ()
     after: Sequence[str] = ()
 
@@ -77,13 +78,13 @@ class Context:
     out: str
     cfg: Any
     echo: bool = True
-    env: Dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
     log_path: Optional[str] = None  # the running stage's log
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.out, *parts)
 
-    def python_env(self, threads: int) -> Dict[str, str]:
+    def python_env(self, threads: int) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.env)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
@@ -104,7 +105,7 @@ class Context:
         _run_logged(list(args), env, self.log_path, self.echo)
 
 
-def _run_logged(args: List[str], env: Dict[str, str], log_path: str, echo: bool) -> None:
+def _run_logged(args: list[str], env: dict[str, str], log_path: str, echo: bool) -> None:
     with open(log_path, "ab") as log:
         log.write(f"$ {shlex.join(args)}\n".encode())
         log.flush()
@@ -168,7 +169,7 @@ def tail(path: str, lines: int = 25) -> str:
 # ---------------------------------------------------------------------------------------------------
 # State
 # ---------------------------------------------------------------------------------------------------
-def load_state(out: str) -> Dict[str, Any]:
+def load_state(out: str) -> dict[str, Any]:
     path = os.path.join(out, STATE_FILE)
     if not os.path.exists(path):
         return {}
@@ -179,14 +180,14 @@ def load_state(out: str) -> Dict[str, Any]:
             raise UserError(f"{path}: not valid JSON ({exc}); delete it to start over") from None
 
 
-def save_state(out: str, state: Dict[str, Any]) -> None:
+def save_state(out: str, state: dict[str, Any]) -> None:
     path = os.path.join(out, STATE_FILE)
     with open(path + ".tmp", "w", encoding="utf-8") as f:
         json.dump(state, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
-def config_differences(old: Any, new: Any, prefix: str = "") -> List[str]:
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:
     """Dotted names of the settings that differ between two nested dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
         out = []
@@ -196,7 +197,7 @@ def config_differences(old: Any, new: Any, prefix: str = "") -> List[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def downstream(stages: Sequence[Stage], names: Sequence[str]) -> List[str]:
+def downstream(stages: Sequence[Stage], names: Sequence[str]) -> list[str]:
     """``names`` and every stage that (transitively) reads their outputs, in pipeline order."""
     hit = set(names)
     for s in stages:
@@ -205,9 +206,9 @@ def downstream(stages: Sequence[Stage], names: Sequence[str]) -> List[str]:
     return [s.name for s in stages if s.name in hit]
 
 
-def missing_tools(stages: Sequence[Stage]) -> Dict[str, List[str]]:
+def missing_tools(stages: Sequence[Stage]) -> dict[str, list[str]]:
     """``{"<script> (<module>): <why>, provided by <who>": [stage names that need it]}``."""
-    out: Dict[str, List[str]] = {}
+    out: dict[str, list[str]] = {}
     for s in stages:
         for t in s.tools:
             why = t.missing_reason()
@@ -223,8 +224,8 @@ class Outcome:
     seconds: float
 
 
-def run_stages(stages: Sequence[Stage], ctx: Context, config: Dict[str, Any], redo: Sequence[str] = (),
-               progress: Callable[[str], None] = print) -> List[Outcome]:
+def run_stages(stages: Sequence[Stage], ctx: Context, config: dict[str, Any], redo: Sequence[str] = (),
+               progress: Callable[[str], None] = print) -> list[Outcome]:
     """Run the stages in order, skipping the ones already done with intact outputs."""
     config = json.loads(json.dumps(config))  # tuples -> lists, as it reads back from the state file
     state = load_state(ctx.out)
@@ -232,7 +233,7 @@ def run_stages(stages: Sequence[Stage], ctx: Context, config: Dict[str, Any], re
         diff = "; ".join(config_differences(state.get("config"), config)[:8])
         raise UserError(f"{ctx.out} holds a demo run with other settings ({diff}); use another --out or "
                          "pass --restart to start this directory over")
-    done: Dict[str, Any] = state.get("stages", {})
+    done: dict[str, Any] = state.get("stages", {})
     for name in downstream(stages, redo):
         done.pop(name, None)
     state = {"config": config, "stages": done}

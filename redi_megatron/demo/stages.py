@@ -19,7 +19,7 @@ import json
 import math
 import os
 import sys
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Optional
 
 from redi_megatron.demo.config import DemoConfig, StageBudget
 from redi_megatron.demo.runner import Context, Stage, Tool
@@ -41,7 +41,7 @@ def _threads(ctx: Context, processes: int = 1) -> int:
     return max(1, (os.cpu_count() or 1) // processes)
 
 
-def _missing(paths: List[str]) -> List[str]:
+def _missing(paths: list[str]) -> list[str]:
     return [f"missing {p}" for p in paths if not os.path.exists(p)]
 
 
@@ -63,7 +63,7 @@ def run_teacher(ctx: Context) -> None:
           f"{out.num_eval} held-out problems", flush=True)
 
 
-def check_teacher(ctx: Context) -> List[str]:
+def check_teacher(ctx: Context) -> list[str]:
     raw, held = ctx.path("teacher", "raw.jsonl"), ctx.path("teacher", "eval.jsonl")
     problems = _missing([raw, held, ctx.path("teacher", "teacher.json")])
     if problems:
@@ -87,7 +87,7 @@ def run_base_model(ctx: Context) -> None:
           f"({cfg.model.num_layers} layers, hidden {cfg.model.hidden_size})", flush=True)
 
 
-def check_hf_model(path: str) -> List[str]:
+def check_hf_model(path: str) -> list[str]:
     """Problems with an HF model directory: config, weights and a loadable tokenizer."""
     problems = _missing([os.path.join(path, "config.json")])
     if not glob.glob(os.path.join(path, "*.safetensors")) and not glob.glob(os.path.join(path, "*.bin")):
@@ -97,7 +97,7 @@ def check_hf_model(path: str) -> List[str]:
     return problems
 
 
-def check_base_model(ctx: Context) -> List[str]:
+def check_base_model(ctx: Context) -> list[str]:
     return _missing([ctx.path("tokenizer", "tokenizer.json")]) + check_hf_model(ctx.path("models", "base"))
 
 
@@ -110,13 +110,13 @@ def run_curate(ctx: Context) -> None:
                  "--num-proc", "1", "--overwrite"], threads=_threads(ctx))
 
 
-def curation_counts(ctx: Context) -> Dict[str, int]:
+def curation_counts(ctx: Context) -> dict[str, int]:
     with open(ctx.path("curated", "curation_report.json"), encoding="utf-8") as f:
         report = json.load(f)
     return {name: int(o["kept"]) for name, o in report["outputs"].items()}
 
 
-def check_curate(ctx: Context) -> List[str]:
+def check_curate(ctx: Context) -> list[str]:
     report = ctx.path("curated", "curation_report.json")
     problems = _missing([report])
     if problems:
@@ -145,11 +145,11 @@ def run_hf_to_megatron(ctx: Context) -> None:
                 threads=_threads(ctx))
 
 
-def check_megatron_base(ctx: Context) -> List[str]:
+def check_megatron_base(ctx: Context) -> list[str]:
     return _missing([ctx.path("megatron", "base", "model_config.json")])
 
 
-def latest_checkpoint(run_dir: str) -> Optional[Tuple[int, str]]:
+def latest_checkpoint(run_dir: str) -> Optional[tuple[int, str]]:
     """(step, directory) of the newest complete checkpoint of a ``redi-train`` run, or None."""
     from redi_megatron.training.checkpointing import list_checkpoints
 
@@ -178,8 +178,8 @@ def export_stage(name: str) -> Stage:
 # ---------------------------------------------------------------------------------------------------
 # Training
 # ---------------------------------------------------------------------------------------------------
-def train_config(ctx: Context, name: str, budget: StageBudget, loss: str, params: Dict[str, Any],
-                 train_path: str, init_from: str, num_samples: int) -> Dict[str, Any]:
+def train_config(ctx: Context, name: str, budget: StageBudget, loss: str, params: dict[str, Any],
+                 train_path: str, init_from: str, num_samples: int) -> dict[str, Any]:
     """A complete ``redi-train`` config, built from the run-config schema's dataclasses."""
     from redi_megatron.config import schema
     from redi_megatron.models.config import ModelConfig, ParallelConfig
@@ -205,8 +205,8 @@ def train_config(ctx: Context, name: str, budget: StageBudget, loss: str, params
     return dataclasses.asdict(run)
 
 
-def train_stage(name: str, title: str, loss: str, params: Dict[str, Any], data: str, init_from: str,
-                after: List[str]) -> Stage:
+def train_stage(name: str, title: str, loss: str, params: dict[str, Any], data: str, init_from: str,
+                after: list[str]) -> Stage:
     def budget(ctx: Context) -> StageBudget:
         return ctx.cfg.sft if name == "sft" else ctx.cfg.redi
 
@@ -223,7 +223,7 @@ def train_stage(name: str, title: str, loss: str, params: Dict[str, Any], data: 
         launch = [*TORCHRUN, "--nproc_per_node", str(b.tp)] if b.tp > 1 else []
         ctx.command([sys.executable, *launch, "-m", TRAIN.module, "--config", path], threads=_threads(ctx, b.tp))
 
-    def check(ctx: Context) -> List[str]:
+    def check(ctx: Context) -> list[str]:
         run_dir = ctx.path("runs", name)
         newest = latest_checkpoint(run_dir)
         steps = budget(ctx).steps
@@ -237,11 +237,12 @@ def train_stage(name: str, title: str, loss: str, params: Dict[str, Any], data: 
 # ---------------------------------------------------------------------------------------------------
 # Evaluation, results, plots
 # ---------------------------------------------------------------------------------------------------
-def eval_stage(name: str, after: List[str]) -> Stage:
+def eval_stage(name: str, after: list[str]) -> Stage:
     def run(ctx: Context) -> None:
         e = ctx.cfg.eval
         ctx.command([
-            sys.executable, "-m", EVAL.module, "--model", ctx.path("models", name), "--tokenizer", ctx.path("tokenizer"),
+            sys.executable, "-m", EVAL.module, "--model", ctx.path("models", name),
+            "--tokenizer", ctx.path("tokenizer"),
             "--out", ctx.path("eval", name), "--benchmarks", ctx.path("teacher", f"{EVAL_BENCHMARK}.jsonl"),
             "--n", str(e.samples_per_problem), "--temperature", str(e.temperature), "--top-p", str(e.top_p),
             "--max-new-tokens", str(e.max_new_tokens), "--seed", str(ctx.cfg.seed), "--backend", e.backend,
@@ -250,7 +251,7 @@ def eval_stage(name: str, after: List[str]) -> Stage:
             "--no-force-think",
         ], threads=_threads(ctx))
 
-    def check(ctx: Context) -> List[str]:
+    def check(ctx: Context) -> list[str]:
         path = ctx.path("eval", name, "report.json")
         problems = _missing([path])
         if problems:
@@ -266,7 +267,7 @@ def eval_stage(name: str, after: List[str]) -> Stage:
                  run, check, tools=(EVAL,), after=after)
 
 
-def model_names(cfg: DemoConfig) -> List[str]:
+def model_names(cfg: DemoConfig) -> list[str]:
     return ["base", "sft", "redi"] + (["control"] if cfg.control else [])
 
 
@@ -277,7 +278,7 @@ def run_results(ctx: Context) -> None:
     print(text, flush=True)
 
 
-def check_results(ctx: Context) -> List[str]:
+def check_results(ctx: Context) -> list[str]:
     return _missing([ctx.path("results.md"), ctx.path("results.json")])
 
 
@@ -289,12 +290,12 @@ def run_plots(ctx: Context) -> None:
                  "--labels", ",".join(LABELS[n] for n in stage2), "--out", ctx.path("plots", "stage2")], threads=1)
 
 
-def check_plots(ctx: Context) -> List[str]:
+def check_plots(ctx: Context) -> list[str]:
     return [f"no PNG in {d}" for d in (ctx.path("plots", "sft"), ctx.path("plots", "stage2"))
             if not glob.glob(os.path.join(d, "*.png"))]
 
 
-def build_stages(cfg: DemoConfig) -> List[Stage]:
+def build_stages(cfg: DemoConfig) -> list[Stage]:
     """The pipeline for ``cfg`` in run order."""
     alpha = {"alpha": cfg.alpha}
     stages = [

@@ -39,8 +39,9 @@ import json
 import os
 import random
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 from redi_megatron.data.synthetic import openr1_row, write_jsonl
 from redi_megatron.errors import UserError
@@ -78,9 +79,9 @@ class TaskConfig:
     max_digits: int = 3
     generations: int = 4
     error_rate: float = 0.35
-    error_weights: Tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10, 0.0)
+    error_weights: tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10, 0.0)
     judge_strict_rate: float = 0.03
-    judge_fooled_rate: Tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95, 0.06)
+    judge_fooled_rate: tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95, 0.06)
     judge_null_rate: float = 0.005
     mv_parse_fail_rate: float = 0.02
 
@@ -123,7 +124,7 @@ def _operand(rng: random.Random, cfg: TaskConfig) -> int:
 
 
 def sample_problems(rng: random.Random, cfg: TaskConfig, count: int,
-                    exclude: Iterable[Tuple[int, int]] = ()) -> List[Tuple[int, int]]:
+                    exclude: Iterable[tuple[int, int]] = ()) -> list[tuple[int, int]]:
     """``count`` distinct operand pairs ``(a, b)``; a pair in ``exclude`` (in either order) is never drawn.
 
     ValueError when the operand space is too small for ``count`` new pairs.
@@ -134,7 +135,7 @@ def sample_problems(rng: random.Random, cfg: TaskConfig, count: int,
     if count > (space - len(seen)) // 2:
         raise UserError(f"cannot draw {count} distinct problems with {cfg.min_digits}-{cfg.max_digits} digit "
                          f"operands ({len(seen)} excluded); use more digits or fewer problems")
-    out: List[Tuple[int, int]] = []
+    out: list[tuple[int, int]] = []
     while len(out) < count:
         a, b = _operand(rng, cfg), _operand(rng, cfg)
         key = (min(a, b), max(a, b))
@@ -151,13 +152,13 @@ def problem_text(a: int, b: int, rng: random.Random) -> str:
 # ---------------------------------------------------------------------------------------------------
 # Traces
 # ---------------------------------------------------------------------------------------------------
-def _digits(x: int, width: int) -> List[int]:
+def _digits(x: int, width: int) -> list[int]:
     """Digits of ``x`` from the right (units first), zero-padded to ``width``."""
     return [(x // 10**i) % 10 for i in range(width)]
 
 
-def _columns(a: int, b: int, slip: Optional[Tuple[str, int]] = None, misread: int = 0
-             ) -> Tuple[List[str], List[int]]:
+def _columns(a: int, b: int, slip: Optional[tuple[str, int]] = None, misread: int = 0
+             ) -> tuple[list[str], list[int]]:
     """Lines of the column working and the written result digits (units first).
 
     ``slip = (kind, column)`` injects one mistake at that column: "carry_in" drops the incoming carry,
@@ -290,7 +291,7 @@ def wrong_trace(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Trace:
     return t
 
 
-def generate_traces(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> List[Trace]:
+def generate_traces(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> list[Trace]:
     return [wrong_trace(a, b, rng, cfg) if rng.random() < cfg.error_rate else correct_trace(a, b)
             for _ in range(cfg.generations)]
 
@@ -299,7 +300,7 @@ def generate_traces(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> List
 # Verifier labels and rows
 # ---------------------------------------------------------------------------------------------------
 def verifier_labels(trace: Trace, gold: str, rng: random.Random, cfg: TaskConfig
-                    ) -> Tuple[Optional[bool], bool, bool]:
+                    ) -> tuple[Optional[bool], bool, bool]:
     """(llama_verification, math_verify_answer, math_verify_reparsed_answer) of one trace."""
     exact = trace.boxed == gold
     reparsed = exact
@@ -312,7 +313,7 @@ def verifier_labels(trace: Trace, gold: str, rng: random.Random, cfg: TaskConfig
     return rng.random() < fooled, answer, reparsed
 
 
-def make_row(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Tuple[Dict[str, Any], List[Trace]]:
+def make_row(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> tuple[dict[str, Any], list[Trace]]:
     """One OpenR1-Math-Raw row (and its traces, for statistics)."""
     gold = str(a + b)
     traces = generate_traces(a, b, rng, cfg)
@@ -330,11 +331,11 @@ class TeacherOutput:
     eval_path: str
     num_train: int
     num_eval: int
-    stats: Dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def teacher_rows(num_problems: int, seed: int, cfg: TaskConfig = TaskConfig()
-                 ) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """``num_problems`` rows for ``seed`` and statistics (error modes, label agreement, pair yield)."""
     cfg.validate()
     rng = random.Random(f"redi-demo-teacher-{seed}")
@@ -351,8 +352,8 @@ def teacher_rows(num_problems: int, seed: int, cfg: TaskConfig = TaskConfig()
     return rows, stats
 
 
-def eval_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterable[Tuple[int, int]]
-                  ) -> List[Dict[str, str]]:
+def eval_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterable[tuple[int, int]]
+                  ) -> list[dict[str, str]]:
     """Held-out problems ``{"id", "problem", "answer"}`` (the ``redi-eval`` custom-benchmark schema)."""
     cfg.validate()
     rng = random.Random(f"redi-demo-eval-{seed}")
@@ -361,7 +362,7 @@ def eval_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterab
             for k, (a, b) in enumerate(pairs)]
 
 
-def operands(row: Dict[str, Any]) -> Tuple[int, int]:
+def operands(row: dict[str, Any]) -> tuple[int, int]:
     """The operand pair of a teacher row (parsed back from its ``solution``)."""
     text = row["solution"].split("$")[1]
     a, rest = text.split(" + ")

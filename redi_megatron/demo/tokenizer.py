@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Iterable, List, Optional
+from collections.abc import Iterable
+from typing import Any, Optional
 
 from redi_megatron.data.templates import QWEN_MATH_SYSTEM_PROMPT
 from redi_megatron.errors import UserError
@@ -47,7 +48,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def default_corpus(seed: int = 0, num_problems: int = 300) -> List[str]:
+def default_corpus(seed: int = 0, num_problems: int = 300) -> list[str]:
     """Texts the merges are learned from: the chat scaffolding and teacher traces of every error mode."""
     from redi_megatron.demo.teacher import TaskConfig, teacher_rows
 

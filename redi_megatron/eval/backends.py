@@ -12,8 +12,9 @@ so a run is reproducible for the same batching but not sample-by-sample across r
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -135,8 +136,8 @@ class HFBackend:
                 mask[row, width - len(encoded[i]):] = 1
             torch.manual_seed(sample_seed(sum(requests[i].seed for i in batch), ("hf-batch", "", len(batch))))
             with torch.no_grad():
-                generated = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=mask.to(self.device),
-                                                generation_config=gen_config)
+                generated = self.model.generate(input_ids=input_ids.to(self.device),
+                                                attention_mask=mask.to(self.device), generation_config=gen_config)
             for row, i in enumerate(batch):
                 out[i] = self._completion(generated[row, width:].tolist())
         assert all(c is not None for c in out)

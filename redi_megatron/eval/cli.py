@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from redi_megatron.errors import UserError
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS

@@ -19,9 +19,10 @@ import os
 import signal
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Optional, Sequence
+from typing import Optional
 
 from tqdm import tqdm
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from redi_megatron.eval.rllm_grader import last_boxed_content, solution_after_think
 

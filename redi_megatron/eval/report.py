@@ -5,7 +5,7 @@ import collections
 import datetime
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

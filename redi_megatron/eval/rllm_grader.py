@@ -24,7 +24,8 @@ variant implemented here.
 from __future__ import annotations
 
 import re
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 from redi_megatron.errors import UserError
 from redi_megatron.eval.timeouts import InnerTimeout, deadline

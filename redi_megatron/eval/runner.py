@@ -19,7 +19,8 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -258,7 +259,8 @@ def launch_shards(cfg: EvalConfig) -> list[str]:
     procs = []
     try:
         for i in range(dp):
-            env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+            path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
+            env = dict(os.environ, PYTHONPATH=path)
             if gpus:
                 env["CUDA_VISIBLE_DEVICES"] = ",".join(gpus[i * tp : (i + 1) * tp])
             log_path = os.path.join(shard_dir, f"rank{i}.log")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from typing import Iterable, Optional
+from collections.abc import Iterable
+from typing import Optional
 
 from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import SampleKey

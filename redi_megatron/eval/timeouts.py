@@ -17,7 +17,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 # Re-fire while an expired deadline is still on the stack: a library with a bare ``except:`` may
 # swallow the first exception and keep computing.

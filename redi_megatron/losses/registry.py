@@ -17,8 +17,9 @@ Sums, not means, so they can be added over microbatches and data-parallel ranks 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Mapping, Optional
+from typing import Any, Literal, Optional
 
 import torch
 

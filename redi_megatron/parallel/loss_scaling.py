@@ -41,8 +41,9 @@ pipeline stage to every rank of the pipeline.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
@@ -208,8 +209,9 @@ def make_loss_func(spec: LossSpec, hparams: Any, microbatch: Any, groups: Parall
     """Build Megatron's ``loss_func`` for one microbatch (call it in ``forward_step``).
 
     microbatch: the data contract's ``Microbatch`` (one packed THD row) with full (not CP-split)
-        ``labels``/``loss_mask``/``seq_ids [1, T]``, ``cu_seqlens_padded`` (cut per sequence under CP) and ``roles``/``pair_ids``/``num_loss_tokens``/(``ref_logps``) ``[N]``; it is
-        validated here, once, before the forward pass.
+        ``labels``/``loss_mask``/``seq_ids [1, T]``, ``cu_seqlens_padded`` (cut per sequence under CP)
+        and ``roles``/``pair_ids``/``num_loss_tokens``/(``ref_logps``) ``[N]``; it is validated here,
+        once, before the forward pass.
     vocab_size: the real vocabulary: labels are range-checked here instead of inside the step (saves a
         sync), and the logits' padding columns (``V_padded - vocab_size``) are left out of the softmax.
     inplace_backward: write the logits gradient into the logits buffer (see ``parallel.logprobs``).

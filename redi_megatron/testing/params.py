@@ -2,7 +2,8 @@
 benchmarks and the GPU check compare layouts with it)."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -21,8 +21,9 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 from redi_megatron.config.schema import CollapseConfig
 from redi_megatron.errors import UserError

@@ -176,8 +176,8 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     from redi_megatron.models.builder import build_model_chunks
-    from redi_megatron.models.output_head import return_hidden_states
     from redi_megatron.models.layer_specs import have_transformer_engine
+    from redi_megatron.models.output_head import return_hidden_states
     from redi_megatron.parallel.loss_scaling import validate_megatron_config
 
     torch.manual_seed(cfg.train.seed)

@@ -30,7 +30,8 @@ import tempfile
 import time
 import uuid
 from collections import deque
-from typing import Any, Callable, Mapping, Optional, TextIO
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, TextIO
 
 from redi_megatron.config.schema import LoggingConfig
 from redi_megatron.errors import UserError

@@ -3,14 +3,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import TYPE_CHECKING, Callable, Optional
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
 from redi_megatron.data.batch import Microbatch, StepBatch
 from redi_megatron.models.inputs import model_inputs
-from redi_megatron.parallel.collectives import sum_over
 from redi_megatron.models.output_head import output_weight, returns_hidden_states
+from redi_megatron.parallel.collectives import sum_over
 from redi_megatron.parallel.loss_scaling import OutputHead, make_loss_func, reduce_step_metrics
 from redi_megatron.parallel.state import ParallelGroups
 
