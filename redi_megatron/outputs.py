@@ -8,17 +8,19 @@ The rules, in order:
 3. swap it in only when complete (:func:`publish`): with ``overwrite`` the old output is moved aside,
    the new one renamed into place, and only then is the old one deleted.
 
-Only directories this module made are ever deleted: the staging and set-aside directories carry a marker
-file, and a leftover without the marker is refused rather than removed. Standard library only, so every
-layer may use it.
+Files are written the same way, at file scale: :func:`write_atomic` writes beside the target and renames
+(readers never see half a file; a crash leaves the old one). Only directories this module made are ever
+deleted: the staging and set-aside directories carry a marker file, and a leftover without the marker is
+refused rather than removed. Standard library only, so every layer may use it.
 """
 from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Union
 
 from redi_megatron.errors import UserError
 
@@ -116,3 +118,28 @@ def _remove_ours(path: Path) -> None:
     if not (path / MARKER).is_file():
         raise UserError(f"{path} exists but was not made by redi-megatron: move it away and rerun")
     shutil.rmtree(path)
+
+
+def write_atomic(path: str | os.PathLike, data: Union[str, bytes, Iterable[str]], *, fsync: bool = True) -> str:
+    """Replace ``path`` with ``data`` (text, bytes, or an iterable of text chunks) atomically: a temporary
+    file in the same directory (created if needed), flushed to disk, then renamed over ``path``."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    binary = isinstance(data, bytes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
+            if binary or isinstance(data, str):
+                f.write(data)
+            else:
+                f.writelines(data)
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path

@@ -25,7 +25,6 @@ import difflib
 import functools
 import os
 import re
-import tempfile
 import typing
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ import yaml
 
 from redi_megatron.config.schema import RunConfig
 from redi_megatron.errors import UserError
+from redi_megatron.outputs import write_atomic
 from redi_megatron.typed import Checker, build, field_names, hints, type_name
 
 DEFAULTS_KEY = "defaults"
@@ -268,22 +268,9 @@ def dump_yaml(cfg: RunConfig) -> str:
 
 def save_resolved(cfg: RunConfig, path: str) -> str:
     """Write the resolved config to ``path`` atomically (loadable by :func:`load_config`); returns path."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
     text = ("# Resolved redi-megatron run config: every field, after includes and overrides.\n"
             "# Reload with redi_megatron.config.load_config(this_file).\n" + dump_yaml(cfg))
-    fd, tmp = tempfile.mkstemp(prefix=".config-", suffix=".yaml.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return write_atomic(path, text)
 
 
 __all__ = ["load_config", "apply_overrides", "parse_override", "from_dict", "to_dict", "dump_yaml",

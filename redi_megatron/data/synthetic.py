@@ -8,10 +8,11 @@ use small token limits (e.g. prompt <= 200, completion <= 400 tokens) to exercis
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Iterable
 from typing import Any, Optional
+
+from redi_megatron.outputs import write_atomic
 
 # category -> number of rows in the current-schema fixture
 RAW_LAYOUT: dict[str, int] = {
@@ -200,13 +201,7 @@ def openr1_220k_rows(seed: int = 0, n: int = 40) -> list[dict[str, Any]]:
 
 def write_jsonl(rows: Iterable[dict[str, Any]], path: str) -> str:
     """Write rows as JSON Lines, atomically (creating parent directories); returns ``path``."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
+    return write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in rows), fsync=False)
 
 
 def tiny_tokenizer(vocab_size: int = 400, corpus: Optional[list[str]] = None) -> Any:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from redi_megatron.errors import UserError
+from redi_megatron.outputs import write_atomic
 
 STATE_FILE = "demo_state.json"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -181,10 +182,7 @@ def load_state(out: str) -> dict[str, Any]:
 
 
 def save_state(out: str, state: dict[str, Any]) -> None:
-    path = os.path.join(out, STATE_FILE)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=2)
-    os.replace(path + ".tmp", path)
+    write_atomic(os.path.join(out, STATE_FILE), json.dumps(state, indent=2))
 
 
 def config_differences(old: Any, new: Any, prefix: str = "") -> list[str]:

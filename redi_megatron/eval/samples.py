@@ -15,6 +15,7 @@ from typing import Optional
 
 from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import SampleKey
+from redi_megatron.outputs import write_atomic
 
 REQUIRED_FIELDS = ("benchmark", "problem_id", "sample_index", "response", "correct", "grader")
 
@@ -90,10 +91,4 @@ class SampleStore:
 
     def rewrite(self) -> None:
         """Replace the file with the current records (after regrading), atomically."""
-        tmp = self.path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in self.records.values():
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_atomic(self.path, (json.dumps(r, ensure_ascii=False) + "\n" for r in self.records.values()))

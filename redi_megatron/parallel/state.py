@@ -35,7 +35,8 @@ class ParallelGroups:
         return 0 if group is None else dist.get_rank(group)
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for a lone process or a local test group)."""
     import socket
 
     with socket.socket() as s:
@@ -63,7 +64,7 @@ def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = No
             if world_size > 1:
                 raise ValueError("MASTER_PORT is not set: launch multi-process runs with torchrun "
                                  "(or set MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)")
-            os.environ["MASTER_PORT"] = str(_free_port())  # a lone process: any free port
+            os.environ["MASTER_PORT"] = str(free_port())  # a lone process: any free port
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
         dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,

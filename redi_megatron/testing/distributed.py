@@ -17,7 +17,6 @@ import multiprocessing as mp
 import os
 import shutil
 import signal
-import socket
 import tempfile
 import time
 import traceback
@@ -26,6 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from redi_megatron.parallel.state import free_port
 
 ALLOWED_WORLD_SIZES = (1, 2, 4, 8)
 
@@ -48,12 +49,6 @@ class Layout:
 
 class RankFailed(RuntimeError):
     """A rank raised or timed out; the message carries its traceback."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _dumps(obj: Any) -> bytes:
@@ -116,7 +111,7 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
 
     import redi_megatron.parallel.state  # noqa: F401
     ctx = mp.get_context("fork")
-    port = _free_port()
+    port = free_port()
     procs, conns = [], []
     stack_dir = tempfile.mkdtemp(prefix="redi_ranks_")
     for rank in range(world_size):

@@ -26,7 +26,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 import uuid
 from collections import deque
@@ -35,6 +34,7 @@ from typing import Any, Optional, TextIO
 
 from redi_megatron.config.schema import LoggingConfig
 from redi_megatron.errors import UserError
+from redi_megatron.outputs import write_atomic
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -121,10 +121,7 @@ def _truncate_jsonl(path: str, keep_through: int) -> int:
     keep = [r for r in records if r["step"] <= keep_through]
     dropped = len(records) - len(keep) + skipped
     if dropped or not _ends_with_newline(path):
-        fd, tmp = tempfile.mkstemp(prefix=".metrics-", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in keep)
-        os.replace(tmp, path)
+        write_atomic(path, (json.dumps(r) + "\n" for r in keep))
     return dropped
 
 
