@@ -50,16 +50,27 @@ def test_console_lines_at_interval_and_last_step(tmp_path):
 def test_throughput_is_robust_to_a_slow_step_and_accepts_measured_time(tmp_path):
     out = io.StringIO()
     clock = FakeClock(dt=1.0)
-    cfg = LoggingConfig(log_interval=3, tensorboard=False, jsonl=True)
-    with MetricsLogger(cfg, str(tmp_path / "run"), total_steps=6, stream=out, console="lines", clock=clock) as log:
-        for s in (1, 2, 3):
-            clock.dt = 10.0 if s == 2 else 1.0  # step 2 also waited for a checkpoint save
+    cfg = LoggingConfig(log_interval=4, tensorboard=False, jsonl=True)
+    with MetricsLogger(cfg, str(tmp_path / "run"), total_steps=8, stream=out, console="lines", clock=clock) as log:
+        for s in (1, 2, 3, 4):
+            # step 1 compiles and warms up (10x); step 3 also waited for a checkpoint save
+            clock.dt = {1: 30.0, 3: 10.0}.get(s, 1.0)
             log.log_step(s, {"loss": 1.0}, tokens=1000)
-        for s in (4, 5, 6):
+        for s in (5, 6, 7, 8):
             rec = log.log_step(s, {"loss": 1.0}, tokens=1000, step_time=0.25)
     first, second = out.getvalue().splitlines()
-    assert "| 1.0k tok/s | 1.00 s/step |" in first          # medians: the 10 s step does not count
+    # medians without the first step: neither the warm-up nor the slow step counts, and the ETA is right
+    assert "| 1.0k tok/s | 1.00 s/step | ETA 0:00:04" in first
     assert "| 4.0k tok/s |" in second and rec["step_time"] == 0.25 and rec["tokens_per_s"] == 4000.0
+
+
+def test_first_step_gives_no_eta(tmp_path):
+    out = io.StringIO()
+    cfg = LoggingConfig(log_interval=1, tensorboard=False, jsonl=False)
+    with MetricsLogger(cfg, str(tmp_path / "run"), total_steps=100, stream=out, console="lines",
+                       clock=FakeClock(dt=40.0)) as log:
+        log.log_step(1, {"loss": 1.0}, tokens=1000)
+    assert "first step, warm-up included; ETA from the next" in out.getvalue() and "ETA 1:" not in out.getvalue()
 
 
 def test_console_without_pair_metrics(tmp_path):

@@ -209,6 +209,8 @@ def write_outputs(cfg: Any, report: Report, tmp: str) -> None:
         import datasets
 
         features = datasets.Features({k: datasets.Value(v) for k, v in FEATURES[name].items()})
+        if not cfg.progress:  # --no-progress covers the datasets library's own bars too
+            datasets.disable_progress_bars()
         ds = datasets.Dataset.from_generator(
             _sorted_records, gen_kwargs={"path": src, "offsets_file": offsets_file}, features=features,
             cache_dir=os.path.join(tmp, "hf_cache"),

@@ -24,10 +24,20 @@ from redi_megatron.eval.prompts import CHAT_FORMATS, TEMPLATES
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(EvalConfig) if f.default is not dataclasses.MISSING}
 
 
+class _DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Show ``(default: X)`` once: not when the help already names the default, nor for None or flags."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default is None or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="redi-eval",
                                 description="Sample, grade and report pass@1 on the paper's five math benchmarks.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_DefaultsOnce)
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--out", required=True, help="output directory (created; reruns resume)")
     p.add_argument("--benchmarks", default=",".join(PAPER_BENCHMARKS),
@@ -36,11 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="only the first N problems of each benchmark")
     g = p.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=_DEFAULTS["n"], help="samples per problem")
-    g.add_argument("--temperature", type=float, default=_DEFAULTS["temperature"])
-    g.add_argument("--top-p", type=float, default=_DEFAULTS["top_p"])
+    g.add_argument("--temperature", type=float, default=_DEFAULTS["temperature"], help="sampling temperature")
+    g.add_argument("--top-p", type=float, default=_DEFAULTS["top_p"], help="nucleus sampling")
     g.add_argument("--top-k", type=int, default=_DEFAULTS["top_k"], help="<= 0 disables top-k")
-    g.add_argument("--max-new-tokens", type=int, default=_DEFAULTS["max_new_tokens"])
-    g.add_argument("--seed", type=int, default=_DEFAULTS["seed"])
+    g.add_argument("--max-new-tokens", type=int, default=_DEFAULTS["max_new_tokens"], help="per sample")
+    g.add_argument("--seed", type=int, default=_DEFAULTS["seed"], help="sampling seed")
     g = p.add_argument_group("prompt")
     g.add_argument("--template", choices=TEMPLATES, default=_DEFAULTS["template"],
                    help="paper: problem under the Qwen2.5-Math system prompt; rllm: 'Solve the following math "

@@ -150,6 +150,7 @@ class MetricsLogger:
         self._clock = clock
         self._last_time = clock()
         self._recent: deque = deque(maxlen=_RECENT)
+        self._logged = 0
         self._interval_rates: list[float] = []
         self._jsonl = self._tb = self._wandb = self._bar = None
         self.console = "off"
@@ -231,12 +232,15 @@ class MetricsLogger:
         now = self._clock()
         dt = now - self._last_time if step_time is None else float(step_time)
         self._last_time = now
-        self._recent.append(dt)
+        self._logged += 1
+        if self._logged > 1:  # the first step of a (re)started run also compiles and warms up: not a rate
+            self._recent.append(dt)
         record: dict[str, Any] = {"step": int(step), "time": round(time.time(), 3), "step_time": dt}
         if tokens is not None:
             record["tokens"] = int(tokens)
             record["tokens_per_s"] = tokens / dt if dt > 0 else float("nan")
-            self._interval_rates.append(record["tokens_per_s"])
+            if self._logged > 1:
+                self._interval_rates.append(record["tokens_per_s"])
         for k, v in metrics.items():
             v = _scalar(v)
             if not isinstance(v, (int, float)) or isinstance(v, bool):
@@ -278,9 +282,12 @@ class MetricsLogger:
         rates = [r for r in self._interval_rates if math.isfinite(r)]
         if rates:  # median: one step that also waited for a checkpoint save does not skew it
             parts.append(f"{_fmt_rate(statistics.median(rates))} tok/s")
-        per_step = statistics.median(self._recent)
-        parts.append(f"{per_step:.2f} s/step")
-        parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
+        if self._recent:
+            per_step = statistics.median(self._recent)
+            parts.append(f"{per_step:.2f} s/step")
+            parts.append(f"ETA {_fmt_duration(per_step * (self.total_steps - step))}")
+        else:
+            parts.append(f"{rec['step_time']:.2f} s (first step, warm-up included; ETA from the next)")
         return " | ".join(parts)
 
     def message(self, text: str) -> None:
