@@ -241,3 +241,23 @@ def test_missing_model_dir_is_one_line_and_writes_nothing(tmp_path, capsys):
         main(["--model", str(tmp_path / "no_model"), "--benchmarks", "math500", "--out", str(out), "--backend", "hf"])
     assert e.value.code == 2 and "no such model directory" in capsys.readouterr().err
     assert not out.exists()  # no run_config.json that would refuse the next, correct run
+
+
+def test_nan_model_is_one_line(tiny_model, tmp_path, capsys):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from redi_megatron.eval.cli import main
+
+    bad = tmp_path / "nan_model"
+    shutil.copytree(tiny_model, bad)
+    model = AutoModelForCausalLM.from_pretrained(bad)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] = float("nan")
+    model.save_pretrained(bad)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(bad), "--benchmarks", "aime24", "--limit", "1", "--n", "1", "--max-new-tokens", "2",
+              "--backend", "hf", "--grade-workers", "1", "--no-progress", "--out", str(tmp_path / "e")])
+    assert e.value.code == 2 and "hold NaN or inf" in capsys.readouterr().err

@@ -95,6 +95,10 @@ class HFBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         self.tokenizer.padding_side = "left"
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise UserError(f"{model_path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): the model "
+                            "diverged; evaluate an earlier checkpoint")
         self.model.to(self.device).eval()
         self.stop_ids = stop_token_ids(self.tokenizer, [self.model.generation_config.eos_token_id]
                                        if isinstance(self.model.generation_config.eos_token_id, int) else [])
