@@ -66,7 +66,6 @@ RUN pip install -c /etc/redi-keep.txt \
 # 4. This package, without dependencies (they are all there now).
 COPY setup.py README.md ./
 COPY redi_megatron ./redi_megatron
-COPY checkpoint_tools ./checkpoint_tools
 COPY examples ./examples
 RUN pip install --no-deps -e .
 
@@ -86,6 +85,6 @@ mcore = md.version("megatron-core")
 print(f"torch {torch.__version__} | transformer-engine {te} | megatron-core {mcore}")
 if not Version("2.9") <= Version(Version(te).base_version) < Version("2.12"):
     print(f"WARNING: transformer-engine {te} is outside megatron-core 0.16.1's tested range [2.9, 2.12)")
-import redi_megatron.training.cli, redi_megatron.eval.cli, checkpoint_tools.hf_to_megatron  # noqa: E401,F401
+import redi_megatron.training.cli, redi_megatron.eval.cli, redi_megatron.convert.hf_to_megatron  # noqa: E401,F401
 print("redi-megatron installed")
 EOF

@@ -40,7 +40,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["redi_megatron", "redi_megatron.*", "checkpoint_tools", "checkpoint_tools.*"]),
+    packages=find_packages(include=["redi_megatron", "redi_megatron.*"]),
     package_data={"redi_megatron": ["eval/data/*.jsonl", "eval/data/*.md", "demo/*.json", "assets/*", "assets/**/*"]},
     include_package_data=True,
     install_requires=INSTALL_REQUIRES,
@@ -52,9 +52,9 @@ setup(
             "redi-eval=redi_megatron.eval.cli:main",
             "redi-demo=redi_megatron.demo.cli:main",
             "redi-plot=redi_megatron.training.plot:main",
-            "redi-hf-to-megatron=checkpoint_tools.hf_to_megatron:main",
-            "redi-megatron-to-hf=checkpoint_tools.megatron_to_hf:main",
-            "redi-verify-parity=checkpoint_tools.verify_parity:main",
+            "redi-hf-to-megatron=redi_megatron.convert.hf_to_megatron:main",
+            "redi-megatron-to-hf=redi_megatron.convert.megatron_to_hf:main",
+            "redi-verify-parity=redi_megatron.convert.verify_parity:main",
         ]
     },
 )

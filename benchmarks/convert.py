@@ -46,7 +46,7 @@ def _child(direction: str, args: list[str]) -> None:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from checkpoint_tools import hf_to_megatron, megatron_to_hf
+    from redi_megatron.convert import hf_to_megatron, megatron_to_hf
 
     base = _rss_mb()
     main = hf_to_megatron.main if direction == "import" else megatron_to_hf.main
@@ -73,8 +73,8 @@ def _make_hf(path: Path, shape: dict, dtype: str) -> int:
     import torch
     from safetensors.torch import save_file
 
-    from checkpoint_tools.hf_io import read_hf_config
-    from checkpoint_tools.mappings import expected_hf_tensors
+    from redi_megatron.convert.hf_io import read_hf_config
+    from redi_megatron.convert.mappings import expected_hf_tensors
 
     path.mkdir(parents=True)
     config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",

@@ -8,10 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from checkpoint_tools.hf_io import SafetensorsReader, hf_config_for_export, parse_overrides, parse_size, read_hf_config
-from checkpoint_tools.hf_to_megatron import main as hf_to_megatron_main
-from checkpoint_tools.hf_to_megatron import plan_conversion
-from checkpoint_tools.mappings import (
+from redi_megatron.convert.hf_io import (
+    SafetensorsReader,
+    hf_config_for_export,
+    parse_overrides,
+    parse_size,
+    read_hf_config,
+)
+from redi_megatron.convert.hf_to_megatron import main as hf_to_megatron_main
+from redi_megatron.convert.hf_to_megatron import plan_conversion
+from redi_megatron.convert.mappings import (
     LLAMA,
     QWEN2,
     Direct,

@@ -95,7 +95,7 @@ def _forward(chunks, tokens: torch.Tensor):
 
 
 def _convert_and_forward(hf_dir: str, out_dir: str, tp: int, pp: int, tokens: torch.Tensor):
-    from checkpoint_tools.hf_to_megatron import main
+    from redi_megatron.convert.hf_to_megatron import main
     from redi_megatron.models.builder import build_model_chunks
     from redi_megatron.models.checkpoint import load_model_checkpoint, read_model_config
     from redi_megatron.models.config import ParallelConfig
@@ -108,7 +108,7 @@ def _convert_and_forward(hf_dir: str, out_dir: str, tp: int, pp: int, tokens: to
 
 
 def _export(ckpt: str, out: str, extra: list[str]) -> int:
-    from checkpoint_tools.megatron_to_hf import main
+    from redi_megatron.convert.megatron_to_hf import main
 
     return main(["--megatron", ckpt, "--out", out, "--no-progress", *extra])
 
@@ -222,7 +222,7 @@ def test_trained_model_exports_to_same_logits(hf_models, tmp_path_factory, token
 
 
 def _verify(hf_dir: str, ckpt: str, extra: list[str]) -> int:
-    from checkpoint_tools.verify_parity import main
+    from redi_megatron.convert.verify_parity import main
 
     return main(["--hf", hf_dir, "--megatron", ckpt, *extra])
 
@@ -284,7 +284,7 @@ def test_bf16_with_tokenizer_round_trip(tmp_path):
 
 
 def _convert_only(hf_dir: str, out_dir: str, extra: tuple = ()) -> int:
-    from checkpoint_tools.hf_to_megatron import main
+    from redi_megatron.convert.hf_to_megatron import main
 
     return main(["--hf", hf_dir, "--out", out_dir, "--no-progress", *extra])
 

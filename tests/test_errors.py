@@ -28,8 +28,8 @@ def test_user_error_is_one_line_and_a_bug_keeps_its_traceback(monkeypatch, capsy
 
 
 def test_config_and_converter_errors_are_user_errors(tmp_path):
-    from checkpoint_tools.hf_io import parse_overrides
     from redi_megatron.config.loader import load_config
+    from redi_megatron.convert.hf_io import parse_overrides
     from redi_megatron.losses import get_loss
 
     with pytest.raises(UserError):

@@ -20,8 +20,9 @@ ALLOWED = {
     "config": {"models"},
     "testing": {"compat", "data", "losses", "parallel", "models", "config"},
     "training": {"compat", "data", "losses", "parallel", "models", "config"},
+    "convert": {"compat", "data", "losses", "parallel", "models", "config", "training"},
     "eval": {"data"},
-    "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval"},
+    "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval", "convert"},
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
 BASE = {"errors", "outputs", "typed"}  # standard-library-only modules at the package root, usable from every layer

@@ -25,8 +25,10 @@ from redi_megatron.demo.config import DemoConfig, StageBudget
 from redi_megatron.demo.runner import Context, Stage, Tool
 
 CURATE = Tool("redi-curate", "redi_megatron.data.curate", "redi_megatron/data/curate.py")
-HF_TO_MEGATRON = Tool("redi-hf-to-megatron", "checkpoint_tools.hf_to_megatron", "checkpoint_tools/hf_to_megatron.py")
-MEGATRON_TO_HF = Tool("redi-megatron-to-hf", "checkpoint_tools.megatron_to_hf", "checkpoint_tools/megatron_to_hf.py")
+HF_TO_MEGATRON = Tool("redi-hf-to-megatron", "redi_megatron.convert.hf_to_megatron",
+                      "redi_megatron/convert/hf_to_megatron.py")
+MEGATRON_TO_HF = Tool("redi-megatron-to-hf", "redi_megatron.convert.megatron_to_hf",
+                      "redi_megatron/convert/megatron_to_hf.py")
 TRAIN = Tool("redi-train", "redi_megatron.training.cli", "redi_megatron/training/cli.py")
 EVAL = Tool("redi-eval", "redi_megatron.eval.cli", "redi_megatron/eval/cli.py")
 PLOT = Tool("redi-plot", "redi_megatron.training.plot", "redi_megatron/training/plot.py")

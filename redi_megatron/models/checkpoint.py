@@ -1,4 +1,4 @@
-"""The model checkpoint directory shared by the trainer and ``checkpoint_tools``.
+"""The model checkpoint directory shared by the trainer and ``redi_megatron.convert``.
 
 Layout of a checkpoint directory::
 

@@ -11,7 +11,13 @@ from typing import Any, Optional
 
 import torch
 
-from checkpoint_tools.mappings import CONFIG_FIELDS, OVERRIDABLE, Family, family_for_architecture, family_for_config
+from redi_megatron.convert.mappings import (
+    CONFIG_FIELDS,
+    OVERRIDABLE,
+    Family,
+    family_for_architecture,
+    family_for_config,
+)
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import read_json
 from redi_megatron.models.config import ModelConfig

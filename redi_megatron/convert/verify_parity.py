@@ -19,7 +19,7 @@ from typing import Optional
 
 import torch
 
-from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
 from redi_megatron.models.config import ModelConfig
@@ -86,7 +86,7 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
     """Per-prompt comparison. Needs a single-rank Megatron parallel state."""
     from transformers import AutoModelForCausalLM
 
-    from checkpoint_tools.megatron_to_hf import load_megatron_model
+    from redi_megatron.convert.megatron_to_hf import load_megatron_model
 
     hf_dir, ckpt = Path(hf_dir), Path(ckpt_dir)
     torch_dtype = dtype_from_name(dtype, "--dtype")

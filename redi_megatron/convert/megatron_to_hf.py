@@ -20,9 +20,9 @@ from typing import Any, Optional
 
 import torch
 
-from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
-from checkpoint_tools.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
-from checkpoint_tools.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
+from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
+from redi_megatron.convert.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import (
     TOKENIZER_SUBDIR,

@@ -21,9 +21,9 @@ from typing import Any, Optional
 
 import torch
 
-from checkpoint_tools._launch import force_cpu, parallel_context, run_cli
-from checkpoint_tools.hf_io import SafetensorsReader, hf_dtype, parse_overrides, read_hf_config
-from checkpoint_tools.mappings import Family, bind_layer, expected_hf_tensors, is_ignored_hf, megatron_index
+from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert.hf_io import SafetensorsReader, hf_dtype, parse_overrides, read_hf_config
+from redi_megatron.convert.mappings import Family, bind_layer, expected_hf_tensors, is_ignored_hf, megatron_index
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import check_output_dir, dtype_from_name, save_model_checkpoint
 from redi_megatron.models.config import ModelConfig, ParallelConfig
