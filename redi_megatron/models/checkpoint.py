@@ -305,6 +305,9 @@ def save_model_checkpoint(chunks: Sequence[torch.nn.Module], model_cfg: ModelCon
     """
     from megatron.core import dist_checkpointing
 
+    from redi_megatron.compat.children import install_orphan_safe_writer_queue
+
+    install_orphan_safe_writer_queue()  # a kill -9 of this rank must not leave the writer's helper behind
     out = check_output_dir(out_dir, overwrite)
     extra = dict(extra_sharded or {})
     for name in extra:
