@@ -55,6 +55,12 @@ def sample_seed(base_seed: int, key: SampleKey) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def encode_prompts(tokenizer: Any, requests: Sequence[Request]) -> list[list[int]]:
+    """Prompt token ids, encoded one way for every backend (no BOS/special tokens added: the rendered
+    template already holds them), so HF and vLLM see the same prompt token for token."""
+    return [list(tokenizer(r.prompt, add_special_tokens=False)["input_ids"]) for r in requests]
+
+
 def stop_token_ids(tokenizer: Any, extra: Sequence[int] = ()) -> list[int]:
     """EOS ids of a Qwen-style tokenizer: its eos plus ``<|im_end|>`` / ``<|endoftext|>`` if present."""
     ids = {int(i) for i in extra if i is not None}
@@ -126,7 +132,7 @@ class HFBackend:
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Completions in request order. Batches are formed from prompts of similar length."""
         torch = self.torch
-        encoded = [self.tokenizer(r.prompt, add_special_tokens=False)["input_ids"] for r in requests]
+        encoded = encode_prompts(self.tokenizer, requests)
         order = sorted(range(len(requests)), key=lambda i: len(encoded[i]))
         out: list[Optional[Completion]] = [None] * len(requests)
         gen_config = self._generation_config()
@@ -170,6 +176,7 @@ class VLLMBackend:
             max_model_len=max_model_len, enable_prefix_caching=True,
         )
         tokenizer = self.llm.get_tokenizer()
+        self.tokenizer = tokenizer
         self.stop_ids = stop_token_ids(tokenizer)
         self.stop_texts = tuple(t for t in tokenizer.convert_ids_to_tokens(self.stop_ids) if t)
 
@@ -183,8 +190,9 @@ class VLLMBackend:
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Completions in request order; every request carries its own seed."""
-        outputs = self.llm.generate([r.prompt for r in requests], [self._params(r.seed) for r in requests],
-                                    use_tqdm=self.progress)
+        # Token ids, not strings: vLLM's own encoding would add special tokens where HF's does not.
+        prompts = [{"prompt_token_ids": ids} for ids in encode_prompts(self.tokenizer, requests)]
+        outputs = self.llm.generate(prompts, [self._params(r.seed) for r in requests], use_tqdm=self.progress)
         result = []
         for out in outputs:
             best = out.outputs[0]
