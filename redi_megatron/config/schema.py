@@ -70,7 +70,7 @@ class CheckpointConfig:
     # A damaged newest checkpoint (a file missing, truncated or corrupted against its manifest) is set
     # aside (renamed, never deleted) and the previous one resumed: "fallback"; or the run refuses: "refuse".
     on_corrupt: Literal["fallback", "refuse"] = "fallback"
-    trust_unverified: bool = False       # load checkpoints without a manifest (older versions, other tools)
+    trust_unverified: bool = False       # the source is trusted: no manifest needed, no unpickling limits
 
 
 @dataclass

@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="export even if weights hold NaN/inf (by default that is refused: a diverged run)")
     p.add_argument("--trust-unverified", action="store_true",
-                   help="load a checkpoint without a manifest (older versions); checkpoints are code: trust the source")
+                   help="the source is trusted: load it without a manifest (older versions) and without the unpickling "
+                        "limits; checkpoints are code")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 

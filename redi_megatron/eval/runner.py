@@ -32,6 +32,7 @@ from redi_megatron.eval.grading import GradeResult, GradingPool
 from redi_megatron.eval.prompts import render
 from redi_megatron.eval.report import build_report, write_reports
 from redi_megatron.eval.samples import SampleStore, read_jsonl_records, record_key
+from redi_megatron.outputs import check_output
 
 SAMPLES_FILE = "samples.jsonl"
 RUN_CONFIG_FILE = "run_config.json"
@@ -194,6 +195,9 @@ def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
     if backend is None and not os.path.isdir(cfg.model):  # before anything is written into --out
         raise UserError(f"--model {cfg.model}: no such model directory (redi-eval reads local HF model "
                         "directories, e.g. redi-megatron-to-hf's output; download hub models first)")
+    if cfg.shard_index is None:  # an existing --out is resumed, but never one overlapping an input
+        inputs = [cfg.model, cfg.tokenizer, *(b for b in cfg.benchmarks if b.endswith(".jsonl"))]
+        check_output(cfg.out, inputs, overwrite=True)
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.shard_index is not None:
         _run_shard(cfg, backend)

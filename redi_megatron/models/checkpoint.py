@@ -31,6 +31,7 @@ import torch
 from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
 from redi_megatron.models.manifest import verify_manifest, write_manifest
+from redi_megatron.models.safe_load import check_metadata_pickles, unpickling_refused, weights_only_loads
 from redi_megatron.outputs import check_output, discard, publish, staging_dir, staging_path
 from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
 from redi_megatron.typed import from_mapping
@@ -224,34 +225,53 @@ def load_model_checkpoint(chunks: Sequence[torch.nn.Module], ckpt_dir: str | Pat
     """Load ``ckpt_dir/model`` into this rank's chunks (any layout, any dtype). Collective.
 
     The files are first checked against the checkpoint's manifest (``models.manifest``), before any
-    loader unpickles anything. Returns the checkpoint's ``redi_meta.json``. Raises ``UserError`` when
-    a file is missing or damaged, or the checkpoint does not fit the model (architecture, vocabulary
-    padding, missing or misshaped tensors).
+    loader unpickles anything; unless ``trust_unverified``, torch's pickled metadata is then read with
+    an unpickler that knows only the classes it needs and non-tensor items load as ``weights_only``
+    (``models.safe_load``). Returns the checkpoint's ``redi_meta.json``. Raises ``UserError`` when a
+    file is missing, damaged or refused, or the checkpoint does not fit the model (architecture,
+    vocabulary padding, missing or misshaped tensors).
     """
-    from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     ckpt = Path(ckpt_dir)
     meta = read_meta(ckpt)
     verify_manifest(ckpt, trust_unverified)
     _check_model_matches(chunks, read_model_config(ckpt), str(ckpt / MODEL_CONFIG_FILE))
+    if not trust_unverified:
+        check_metadata_pickles(ckpt / MODEL_SUBDIR)
     sharded = _unsplit_gated_fc1(model_sharded_state_dict(chunks))
     _check_shapes(sharded, ckpt / MODEL_SUBDIR)
-    loaded = dist_checkpointing.load(sharded, str(ckpt / MODEL_SUBDIR),
-                                     strict=StrictHandling.RAISE_UNEXPECTED)
+    loaded = _load_tree(sharded, ckpt / MODEL_SUBDIR, trust_unverified, strict=StrictHandling.RAISE_UNEXPECTED)
     for key, chunk in zip(_chunk_keys(len(chunks)), chunks):
         _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     return meta
 
 
-def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict) -> dict:
-    """Load the extra tree ``ckpt_dir/<name>`` saved through ``extra_sharded`` (e.g. optimizer state)."""
-    from megatron.core import dist_checkpointing
-
+def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict, *,
+                       trust_unverified: bool = False) -> dict:
+    """Load the extra tree ``ckpt_dir/<name>`` saved through ``extra_sharded`` (e.g. optimizer state),
+    as carefully as the model (``load_model_checkpoint``; call that first: it verifies the manifest)."""
     path = Path(ckpt_dir) / name
     if not (path / "metadata.json").is_file():
         raise UserError(f"{path} is not a dist_checkpointing directory (no metadata.json)")
-    return dist_checkpointing.load(sharded_state_dict, str(path))
+    if not trust_unverified:
+        check_metadata_pickles(path)
+    return _load_tree(sharded_state_dict, path, trust_unverified)
+
+
+def _load_tree(sharded: dict, path: Path, trust_unverified: bool, **kwargs: Any) -> dict:
+    """``dist_checkpointing.load``; unless trusted, every ``torch.load`` in it is ``weights_only``."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        with weights_only_loads(not trust_unverified):
+            return dist_checkpointing.load(sharded, str(path), **kwargs)
+    except BaseException as e:  # torch's CheckpointException is no Exception; anything else is re-raised
+        if not trust_unverified and unpickling_refused(e):
+            raise UserError(f"{path}: holds a pickled object that is not plain data, refused (checkpoints are "
+                            "code: if you trust this one's source, pass checkpoint.trust_unverified=true or "
+                            "--trust-unverified)") from None
+        raise
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -107,8 +107,8 @@ def load_training_checkpoint(c, path: Path) -> dict[str, Any]:
         init = getattr(opt, "_init_optimizer_states_with_dummy_values", None)
         if init is not None:
             init()
-    state = load_extra_sharded(path, "optimizer",
-                               _optimizer_sharded(c, model_sharded_state_dict(c.chunks), True))
+    state = load_extra_sharded(path, "optimizer", _optimizer_sharded(c, model_sharded_state_dict(c.chunks), True),
+                               trust_unverified=c.cfg.checkpoint.trust_unverified)
     c.optimizer.load_state_dict(state)
     trainer = meta["trainer"]
     c.scheduler.load_state_dict(trainer["scheduler"])
