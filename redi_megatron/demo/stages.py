@@ -3,11 +3,13 @@
 Layout of the output directory::
 
     teacher/       raw.jsonl (OpenR1-Math-Raw rows), eval.jsonl (held-out problems), teacher.json
-    models/base/   random-init HF Qwen2 + the demo tokenizer     models/{sft,redi,control}/  exported HF
+    models/base/   random-init HF Qwen2 + the demo tokenizer     models/<arm>/  exported HF
     curated/       redi-curate output (positives/, pairs/, curation_report.json)
+    chosen/        chosen.jsonl: the pairs' chosen traces as SFT rows (the token-SFT arm's data)
     megatron/base/ redi-hf-to-megatron output                    configs/*.yaml  redi-train configs
-    runs/{sft,redi,control}/  redi-train save dirs (checkpoints, metrics)
-    eval/{base,sft,redi,control}/  redi-eval outputs (samples.jsonl, report.json)
+    runs/<arm>/    redi-train save dirs (checkpoints, metrics); arms: sft, redi, control, token_sft
+    eval/<model>/  redi-eval outputs (samples.jsonl, report.json)
+    premise.json   the SFT model's probability of each pair's first rejected token (demo/analysis.py)
     plots/         redi-plot PNGs                                results.md, results.json
     logs/<stage>.log, commands.sh (every command run), demo_state.json (what is done)
 """
@@ -33,7 +35,7 @@ TRAIN = Tool("redi-train", "redi_megatron.training.cli", "redi_megatron/training
 EVAL = Tool("redi-eval", "redi_megatron.eval.cli", "redi_megatron/eval/cli.py")
 PLOT = Tool("redi-plot", "redi_megatron.training.plot", "redi_megatron/training/plot.py")
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone")
-LABELS = {"sft": "SFT", "redi": "REDI", "control": "alpha=0 control"}
+LABELS = {"sft": "SFT", "redi": "REDI", "control": "alpha=0 control", "token_sft": "token-level SFT"}
 EVAL_BENCHMARK = "eval"  # redi-eval names a .jsonl benchmark after its file
 
 
@@ -138,6 +140,41 @@ def curated_path(ctx: Context, name: str) -> str:
     return jsonl if os.path.exists(jsonl) else ctx.path("curated", name)
 
 
+def run_chosen(ctx: Context) -> None:
+    """The pairs' chosen traces as SFT rows (``problem``, ``completion``) for the token-level SFT arm."""
+    from redi_megatron.demo.analysis import _load_pairs
+    from redi_megatron.outputs import write_atomic
+
+    rows = _load_pairs(curated_path(ctx, "pairs"))
+    os.makedirs(ctx.path("chosen"), exist_ok=True)
+    write_atomic(ctx.path("chosen", "chosen.jsonl"),
+                 (json.dumps({"problem": r["problem"], "completion": r["chosen"]}) + "\n" for r in rows))
+    print(f"    {len(rows)} chosen traces", flush=True)
+
+
+def check_chosen(ctx: Context) -> list[str]:
+    path = ctx.path("chosen", "chosen.jsonl")
+    problems = _missing([path])
+    if not problems and _count_lines(path) != curation_counts(ctx)["pairs"]:
+        problems.append(f"{path} has {_count_lines(path)} rows, expected one per pair")
+    return problems
+
+
+def run_premise(ctx: Context) -> None:
+    from redi_megatron.demo.analysis import pair_paths
+    from redi_megatron.demo.analysis import run_premise as measure
+    from redi_megatron.outputs import write_atomic
+
+    e = ctx.cfg.eval
+    m = measure(ctx.path("models", "sft"), ctx.path("tokenizer"), curated_path(ctx, "pairs"), e.temperature, e.top_p)
+    m["pair_paths"] = pair_paths(curated_path(ctx, "pairs"))
+    write_atomic(ctx.path("premise.json"), json.dumps(m, indent=2))
+    print(f"    premise, SFT model, {m['pairs']} pairs: the rejected trace's first diverging token can be sampled "
+          f"(T {e.temperature}, top-p {e.top_p}) in {100 * m['sampleable']:.1f}% of pairs; its probability: mean "
+          f"{100 * m['p_rejected_mean']:.2f}%, median {100 * m['p_rejected_median']:.3g}%, > 5% in "
+          f"{100 * m['over_5pct']:.1f}% of pairs", flush=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # Checkpoint conversion
 # ---------------------------------------------------------------------------------------------------
@@ -216,8 +253,10 @@ def train_stage(name: str, title: str, loss: str, params: dict[str, Any], data: 
         import yaml
 
         b = budget(ctx)
-        cfg = train_config(ctx, name, b, loss, params, curated_path(ctx, data), ctx.path(*init_from.split("/")),
-                           curation_counts(ctx)[data])
+        # "chosen" is built from the pairs (one chosen trace per pair)
+        path = ctx.path("chosen", "chosen.jsonl") if data == "chosen" else curated_path(ctx, data)
+        count = curation_counts(ctx)["pairs" if data == "chosen" else data]
+        cfg = train_config(ctx, name, b, loss, params, path, ctx.path(*init_from.split("/")), count)
         os.makedirs(ctx.path("configs"), exist_ok=True)
         path = ctx.path("configs", f"{name}.yaml")
         with open(path, "w", encoding="utf-8") as f:
@@ -242,12 +281,13 @@ def train_stage(name: str, title: str, loss: str, params: dict[str, Any], data: 
 def eval_stage(name: str, after: list[str]) -> Stage:
     def run(ctx: Context) -> None:
         e = ctx.cfg.eval
+        max_new = e.base_max_new_tokens if name == "base" else e.max_new_tokens
         ctx.command([
             sys.executable, "-m", EVAL.module, "--model", ctx.path("models", name),
             "--tokenizer", ctx.path("tokenizer"),
             "--out", ctx.path("eval", name), "--benchmarks", ctx.path("teacher", f"{EVAL_BENCHMARK}.jsonl"),
             "--n", str(e.samples_per_problem), "--temperature", str(e.temperature), "--top-p", str(e.top_p),
-            "--max-new-tokens", str(e.max_new_tokens), "--seed", str(ctx.cfg.seed), "--backend", e.backend,
+            "--max-new-tokens", str(max_new), "--seed", str(ctx.cfg.seed), "--backend", e.backend,
             "--dtype", "float32", "--batch-size", str(e.batch_size), "--grade-workers", "1",
             # the demo's traces open <think> themselves, exactly as in training
             "--no-force-think",
@@ -270,7 +310,7 @@ def eval_stage(name: str, after: list[str]) -> Stage:
 
 
 def model_names(cfg: DemoConfig) -> list[str]:
-    return ["base", "sft", "redi"] + (["control"] if cfg.control else [])
+    return ["base", "sft", "redi"] + (["control"] if cfg.control else []) + (["token_sft"] if cfg.token_sft else [])
 
 
 def run_results(ctx: Context) -> None:
@@ -287,7 +327,7 @@ def check_results(ctx: Context) -> list[str]:
 def run_plots(ctx: Context) -> None:
     ctx.command([sys.executable, "-m", PLOT.module, ctx.path("runs", "sft"), "--labels", "SFT",
                  "--out", ctx.path("plots", "sft")], threads=1)
-    stage2 = [n for n in ("redi", "control") if n in model_names(ctx.cfg)]
+    stage2 = [n for n in ("redi", "control", "token_sft") if n in model_names(ctx.cfg)]
     ctx.command([sys.executable, "-m", PLOT.module, *[ctx.path("runs", n) for n in stage2],
                  "--labels", ",".join(LABELS[n] for n in stage2), "--out", ctx.path("plots", "stage2")], threads=1)
 
@@ -314,6 +354,8 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
                     "megatron/base", after=["curate", "hf_to_megatron"]),
         export_stage("sft"),
         eval_stage("sft", after=["export_sft"]),
+        Stage("premise", "before stage 2: can the SFT model sample the rejected traces' first diverging tokens?",
+              run_premise, lambda ctx: _missing([ctx.path("premise.json")]), after=("export_sft", "curate")),
         train_stage("redi", f"REDI (alpha={cfg.alpha}) on the pairs from the SFT model (redi-train, TP={cfg.redi.tp})",
                     "redi", alpha, "pairs", "runs/sft", after=["sft"]),
         export_stage("redi"),
@@ -326,9 +368,17 @@ def build_stages(cfg: DemoConfig) -> list[Stage]:
             export_stage("control"),
             eval_stage("control", after=["export_control"]),
         ]
+    if cfg.token_sft:
+        stages += [
+            Stage("chosen", "the pairs' chosen traces as SFT rows", run_chosen, check_chosen, after=("curate",)),
+            train_stage("token_sft", f"baseline: token-level SFT on the pairs' chosen traces, stage 2's steps and "
+                        f"lr (TP={cfg.redi.tp})", "sft", {}, "chosen", "runs/sft", after=["sft", "chosen"]),
+            export_stage("token_sft"),
+            eval_stage("token_sft", after=["export_token_sft"]),
+        ]
     stages += [
-        Stage("results", "table of base / SFT / REDI pass@1 with standard errors", run_results, check_results,
-              after=[f"eval_{n}" for n in model_names(cfg)]),
+        Stage("results", "table of pass@1 with standard errors, the premise and accuracy by path", run_results,
+              check_results, after=[f"eval_{n}" for n in model_names(cfg)] + ["premise"]),
         Stage("plots", "training curves (redi-plot)", run_plots, check_plots, tools=(PLOT,),
               after=[n for n in model_names(cfg) if n != "base"]),
     ]

@@ -14,6 +14,20 @@ trace would):
 * ``box_slip``: working and reading right, the boxed answer misquotes it (weight 0 in the default mix;
   docs/demo.md has the ablation it was added for).
 
+The *shortcut* teacher (``TaskConfig.shortcut_rate > 0``, the demo's default) also answers "in its head"
+with that probability, a habit the student copies but cannot carry out, like a strong teacher's skipped
+steps that a small student imitates::
+
+    <think>
+    Mental math: 4729 + 3861 = 8590.
+    </think>
+
+    The answer is $\\boxed{8590}$.
+
+Its answer is right with a probability that falls with the longer operand's length
+(``shortcut_accuracy``), else one digit is off by one (``shortcut_miss``, a near miss the judge sometimes
+accepts). "Mental" opens no other trace, so the choice between the two paths is one token of its own.
+
 Verifier labels imitate OpenR1's: ``math_verify_*`` is an exact check of the boxed answer (what math-verify
 does on integers), ``llama_verification`` is a judge that agrees with it most of the time but is
 occasionally too strict, is fooled by near-misses (transposed digits more than other errors) and is
@@ -73,6 +87,9 @@ class TaskConfig:
         judge_fooled_rate: P(judge accepts a wrong trace) per error mode (near-misses fool it more).
         judge_null_rate: P(judge label is null).
         mv_parse_fail_rate: P(math_verify_answer, the un-reparsed check, fails on a correct trace).
+        shortcut_rate: P(a trace is a "mental math" shortcut instead of column working); 0 = the slip teacher.
+        shortcut_accuracy: P(a shortcut is right), by the longer operand's digit count (1, 2, ... 9 digits).
+        judge_fooled_shortcut: P(judge accepts a wrong shortcut, off by one in one digit).
     """
 
     min_digits: int = 3
@@ -84,6 +101,9 @@ class TaskConfig:
     judge_fooled_rate: tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95, 0.06)
     judge_null_rate: float = 0.005
     mv_parse_fail_rate: float = 0.02
+    shortcut_rate: float = 0.0
+    shortcut_accuracy: tuple[float, ...] = (0.97, 0.9, 0.6, 0.35, 0.2, 0.1, 0.05, 0.05, 0.05)
+    judge_fooled_shortcut: float = 0.06
 
     def validate(self) -> None:
         """ValueError naming the offending field."""
@@ -92,7 +112,8 @@ class TaskConfig:
                              f"{self.min_digits}, {self.max_digits}")
         if self.generations < 1:
             raise UserError(f"TaskConfig.generations must be >= 1, got {self.generations}")
-        for name in ("error_rate", "judge_strict_rate", "judge_null_rate", "mv_parse_fail_rate"):
+        for name in ("error_rate", "judge_strict_rate", "judge_null_rate", "mv_parse_fail_rate", "shortcut_rate",
+                     "judge_fooled_shortcut"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise UserError(f"TaskConfig.{name} must be in [0, 1], got {v}")
@@ -102,17 +123,22 @@ class TaskConfig:
                 raise UserError(f"TaskConfig.{name} needs one value per mode {ERROR_MODES}, got {v}")
         if any(w < 0 for w in self.error_weights) or sum(self.error_weights) <= 0:
             raise UserError(f"TaskConfig.error_weights must be >= 0 with a positive sum, got {self.error_weights}")
+        if len(self.shortcut_accuracy) != MAX_DIGITS or any(not 0.0 <= p <= 1.0 for p in self.shortcut_accuracy):
+            raise UserError(f"TaskConfig.shortcut_accuracy needs {MAX_DIGITS} values in [0, 1] (1 to {MAX_DIGITS} "
+                            f"digits), got {self.shortcut_accuracy}")
         if any(not 0.0 <= p <= 1.0 for p in self.judge_fooled_rate):
             raise UserError(f"TaskConfig.judge_fooled_rate values must be in [0, 1], got {self.judge_fooled_rate}")
 
 
 @dataclass
 class Trace:
-    """One generation: its text, the boxed answer string and what went wrong (None = a correct trace)."""
+    """One generation: its text, the boxed answer string, what went wrong (None = a correct trace) and
+    its path (``"working"``: column by column; ``"shortcut"``: mental math)."""
 
     text: str
     boxed: str
     error: Optional[str] = None
+    path: str = "working"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -291,9 +317,40 @@ def wrong_trace(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Trace:
     return t
 
 
+SHORTCUT_OPENING = "Mental math:"
+
+
+def shortcut_trace(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> Trace:
+    """A "mental math" answer: right with ``shortcut_accuracy[digits - 1]``, else one digit off by one."""
+    total = a + b
+    digits = max(len(str(a)), len(str(b)))
+    answer = str(total)
+    if rng.random() >= cfg.shortcut_accuracy[digits - 1]:
+        chars = list(answer)
+        i = rng.randrange(len(chars))
+        d = int(chars[i])
+        lowest = 1 if i == 0 and len(chars) > 1 else 0  # no leading zero
+        options = [x for x in (d - 1, d + 1) if lowest <= x <= 9]
+        chars[i] = str(rng.choice(options))
+        answer = "".join(chars)
+    text = f"<think>\n{SHORTCUT_OPENING} {a} + {b} = {answer}.\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
+    return Trace(text, answer, None if answer == str(total) else "shortcut_miss", "shortcut")
+
+
+def is_shortcut(text: str) -> bool:
+    """Whether a completion (teacher's or a model's) takes the mental-math path."""
+    return SHORTCUT_OPENING in text
+
+
 def generate_traces(a: int, b: int, rng: random.Random, cfg: TaskConfig) -> list[Trace]:
-    return [wrong_trace(a, b, rng, cfg) if rng.random() < cfg.error_rate else correct_trace(a, b)
-            for _ in range(cfg.generations)]
+    out = []
+    for _ in range(cfg.generations):
+        # No draw at all when shortcut_rate is 0, so the slip teacher writes the same rows as before it existed.
+        if cfg.shortcut_rate > 0 and rng.random() < cfg.shortcut_rate:
+            out.append(shortcut_trace(a, b, rng, cfg))
+        else:
+            out.append(wrong_trace(a, b, rng, cfg) if rng.random() < cfg.error_rate else correct_trace(a, b))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -309,7 +366,8 @@ def verifier_labels(trace: Trace, gold: str, rng: random.Random, cfg: TaskConfig
         return None, answer, reparsed
     if trace.error is None:
         return rng.random() >= cfg.judge_strict_rate, answer, reparsed
-    fooled = cfg.judge_fooled_rate[ERROR_MODES.index(trace.error)]
+    fooled = (cfg.judge_fooled_shortcut if trace.error == "shortcut_miss"
+              else cfg.judge_fooled_rate[ERROR_MODES.index(trace.error)])
     return rng.random() < fooled, answer, reparsed
 
 
@@ -340,15 +398,16 @@ def teacher_rows(num_problems: int, seed: int, cfg: TaskConfig = TaskConfig()
     cfg.validate()
     rng = random.Random(f"redi-demo-teacher-{seed}")
     problems = sample_problems(rng, cfg, num_problems)
-    rows, modes, agree = [], Counter(), Counter()
+    rows, modes, paths, agree = [], Counter(), Counter(), Counter()
     for a, b in problems:
         row, traces = make_row(a, b, rng, cfg)
         rows.append(row)
         modes.update(t.error or "correct" for t in traces)
+        paths.update(f"{t.path}_{'wrong' if t.error else 'right'}" for t in traces)
         c = row["correctness"]
         for llama, reparsed in zip(c["llama_verification"], c["math_verify_reparsed_answer"]):
             agree["null" if llama is None else ("agree" if llama == reparsed else "disagree")] += 1
-    stats = {"traces_by_error_mode": dict(modes), "judge_vs_math_verify": dict(agree)}
+    stats = {"traces_by_error_mode": dict(modes), "traces_by_path": dict(paths), "judge_vs_math_verify": dict(agree)}
     return rows, stats
 
 
