@@ -9,8 +9,14 @@ import torch
 
 from redi_megatron.demo import analysis
 from redi_megatron.demo.config import config_for
-from redi_megatron.demo.teacher import (SHORTCUT_OPENING, TaskConfig, is_shortcut, shortcut_trace,
-                                        teacher_rows, verifier_labels)
+from redi_megatron.demo.teacher import (
+    SHORTCUT_OPENING,
+    TaskConfig,
+    is_shortcut,
+    shortcut_trace,
+    teacher_rows,
+    verifier_labels,
+)
 
 SHORTCUT = TaskConfig(min_digits=2, max_digits=4, error_rate=0.12, shortcut_rate=0.5)
 
@@ -127,3 +133,22 @@ def test_pair_paths_count_the_pairs_by_path(tmp_path):
     path.write_text("".join(json.dumps({"problem": "p", "chosen": c, "rejected": r}) + "\n" for c, r in rows))
     assert analysis.pair_paths(str(path)) == dict(Counter({"working>shortcut": 2, "shortcut>working": 1,
                                                           "working>working": 1}))
+
+
+def test_validation_problems_are_disjoint_from_training_and_held_out():
+    from redi_megatron.demo.teacher import (
+        PROBLEM_TEMPLATES,
+        eval_problems,
+        operands,
+        problem_operands,
+        validation_problems,
+    )
+
+    assert all(problem_operands(t.format(a=4729, b=38)) == (4729, 38) for t in PROBLEM_TEMPLATES)
+    cfg = TaskConfig(min_digits=2, max_digits=2)  # a small space, so overlaps would show
+    rows, _ = teacher_rows(2000, 0, cfg)
+    train = [operands(r) for r in rows]
+    held = [problem_operands(p["problem"]) for p in eval_problems(200, 0, cfg, train)]
+    val = [problem_operands(p["problem"]) for p in validation_problems(200, 0, cfg, train + held)]
+    key = lambda pairs: {tuple(sorted(p)) for p in pairs}  # noqa: E731
+    assert len(key(val)) == 200 and not key(val) & key(train) and not key(val) & key(held)

@@ -217,3 +217,31 @@ def test_restart_only_touches_a_demo_directory(tmp_path, capsys):
     assert main(["--out", str(user), "--restart", "--until", "teacher", "--quick"]) == 2
     assert "not a redi-demo directory" in capsys.readouterr().err
     assert all((user / name / "mine.txt").is_file() for name in ("models", "runs", "eval", "logs"))
+
+
+def test_seeds_run_each_seed_in_its_own_directory_and_aggregate(tmp_path, capsys):
+    from redi_megatron.demo import seeds
+
+    out = str(tmp_path / "s")
+    assert cli.main(["--out", out, "--quick", "--seeds", "3", "4", "--until", "teacher", "--quiet"]) == 0
+    rows = [open(os.path.join(out, f"seed-{k}", "teacher", "raw.jsonl")).readline() for k in (3, 4)]
+    assert rows[0] != rows[1]  # different seeds, different teacher data
+    assert cli.main(["--out", out, "--seeds", "3", "3"]) == 2
+    # aggregation of finished seeds: mean and SD (ddof 1) of each pass@1 and paired difference
+    for k, (sft, redi) in zip((3, 4), ((0.5, 0.6), (0.7, 0.6))):
+        res = {"config": {"teacher": "shortcut"},
+               "models": {"sft": {"pass@1": sft}, "redi": {"pass@1": redi}},
+               "differences": {"redi-sft": {"diff": redi - sft, "se": 0.02}},
+               "paths": {"sft": {"shortcut_rate": 0.3, "shortcut_accuracy": 0.0, "working_accuracy": 0.8}},
+               "premise": {"sft": {"sampleable": 0.9, "p_rejected_mean": 0.2, "p_rejected_median": 0.1,
+                                   "over_5pct": 0.8}}}
+        with open(os.path.join(out, f"seed-{k}", "results.json"), "w") as f:
+            json.dump(res, f)
+    text = seeds.write_seeds(out, [3, 4])
+    agg = json.load(open(os.path.join(out, "seeds.json")))
+    assert agg["models"]["sft"]["mean"] == pytest.approx(0.6)
+    assert agg["differences"]["redi-sft"]["mean"] == pytest.approx(0.0)
+    assert agg["differences"]["redi-sft"]["sd"] == pytest.approx(np.std([0.1, -0.1], ddof=1))
+    assert "| redi - sft | 0.0 +/- 14.1 (10.0, -10.0) | 2.0, 2.0 |" in text
+    with pytest.raises(ValueError, match="seed 5 has not finished"):
+        seeds.aggregate(out, [3, 5])

@@ -1,7 +1,9 @@
 """``redi-demo``: the whole REDI pipeline on a CPU in minutes, on a built-in arithmetic task.
 
-    redi-demo --out demo_run            # about 8 minutes on 2 idle cores
-    redi-demo --out demo_quick --quick  # CI-sized, about 3 minutes
+    redi-demo --out demo_run                        # about 12 minutes on 2 idle cores
+    redi-demo --out demo_quick --quick              # CI-sized, about 4 minutes
+    redi-demo --out demo_seeds --seeds 0 1 2        # one run per seed in demo_seeds/seed-K, then seeds.md
+    redi-demo --out demo_slips --teacher slips      # the counter-case: a teacher whose slips the student never makes
 
 Rerunning the same command resumes: finished stages whose outputs are intact are skipped.
 What the demo shows, and how its settings were chosen: docs/demo.md.
@@ -19,6 +21,7 @@ from typing import Optional
 
 from redi_megatron.demo.config import config_for
 from redi_megatron.demo.runner import STATE_FILE, Context, StageError, missing_tools, run_stages
+from redi_megatron.demo.seeds import seed_dir, write_seeds
 from redi_megatron.demo.stages import build_stages
 from redi_megatron.errors import UserError
 
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", choices=("shortcut", "slips"), default="shortcut",
                    help="shortcut: half the traces answer by 'mental math' the student cannot do (REDI's premise); "
                         "slips: column working with the teacher's slips only (the counter-case); docs/demo.md")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="K",
+                   help="run every seed in <out>/seed-K (rerunning resumes), then write <out>/seeds.md with the "
+                        "mean and SD over seeds of each pass@1 and paired difference (replaces --seed)")
     p.add_argument("--until", default=None, help="stop after this stage (see --list-stages)")
     p.add_argument("--redo", action="append", default=[], help="run this stage and everything after it again")
     p.add_argument("--restart", action="store_true", help="delete this demo's outputs in --out and start over")
@@ -83,7 +89,25 @@ def _restart(out: str) -> None:
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    cfg = config_for(args.quick, args.seed, args.teacher)
+    if not args.seeds:
+        return run_one(args, args.seed, args.out)
+    if not args.out:
+        raise UserError("--out DIR is required")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds: each seed once, got {args.seeds}")
+    for k in args.seeds:
+        run_one(args, k, seed_dir(args.out, k))
+        if args.list_stages:
+            return 0
+    if args.until is None:
+        print(write_seeds(args.out, args.seeds), flush=True)
+        print(f"redi-demo: {len(args.seeds)} seeds; table: {os.path.join(args.out, 'seeds.md')}", flush=True)
+    return 0
+
+
+def run_one(args: argparse.Namespace, seed: int, out: Optional[str]) -> int:
+    """One demo run (one seed) into ``out``."""
+    cfg = config_for(args.quick, seed, args.teacher)
     cfg.threads = args.threads
     cfg.eval.backend = args.eval_backend
     cfg.validate()
@@ -97,7 +121,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     if args.list_stages:
         print(_describe(stages))
         return 0
-    if not args.out:
+    if not out:
         raise UserError("--out DIR is required")
     missing = missing_tools(stages)
     if missing:
@@ -108,9 +132,9 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
                          + f"\nInstall them (pip install -e . in a full checkout), or run the stages before "
                            f"them with {hint}.")
     if args.restart:
-        _restart(args.out)
-    os.makedirs(args.out, exist_ok=True)
-    ctx = Context(out=os.path.abspath(args.out), cfg=cfg, echo=not args.quiet)
+        _restart(out)
+    os.makedirs(out, exist_ok=True)
+    ctx = Context(out=os.path.abspath(out), cfg=cfg, echo=not args.quiet)
     identity = cfg.to_dict()
     identity.pop("threads")  # how fast, not what: may change between resumed runs
     start = time.perf_counter()

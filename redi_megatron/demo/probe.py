@@ -262,6 +262,21 @@ def _evaluate(model: Any, tok: Any, eval_path: str, n: int, work: str, name: str
             "eval_s": round(time.perf_counter() - t, 1)}
 
 
+def _validation_split(teacher: Any, count: int, seed: int, task: Any) -> str:
+    """Write ``validation.jsonl`` beside the teacher's files: problems in neither the training rows nor the
+    held-out set, for choosing settings without looking at the numbers the demo reports."""
+    from redi_megatron.data.synthetic import write_jsonl
+    from redi_megatron.demo.teacher import operands, problem_operands, validation_problems
+
+    with open(teacher.train_path, encoding="utf-8") as f:
+        seen = [operands(json.loads(line)) for line in f if line.strip()]
+    with open(teacher.eval_path, encoding="utf-8") as f:
+        seen += [problem_operands(json.loads(line)["problem"]) for line in f if line.strip()]
+    path = os.path.join(os.path.dirname(teacher.eval_path), "validation.jsonl")
+    write_jsonl(validation_problems(count, seed, task, exclude=seen), path)
+    return path
+
+
 def experiment(args: argparse.Namespace) -> None:
     import copy
 
@@ -277,9 +292,12 @@ def experiment(args: argparse.Namespace) -> None:
     work = args.work or tempfile.mkdtemp(prefix="redi_probe_")
     os.makedirs(work, exist_ok=True)
     task = TaskConfig(min_digits=args.digits[0], max_digits=args.digits[1], error_rate=args.error_rate,
+                      shortcut_rate=args.shortcut_rate,
                       **({"error_weights": tuple(args.error_weights)} if args.error_weights else {}))
     t0 = time.perf_counter()
     teacher = write_teacher_data(os.path.join(work, "teacher"), args.problems, args.eval_problems, args.seed, task)
+    if args.validation:
+        teacher.eval_path = _validation_split(teacher, args.eval_problems, args.seed, task)
     tok = build_tokenizer()
     cur = os.path.join(work, "curated")
     curate(CurationConfig(input=teacher.train_path, output=cur, tokenizer="", output_format="jsonl", num_proc=1,
@@ -398,6 +416,10 @@ def main(argv: Sequence[str] = None) -> int:
     e.add_argument("--eval-problems", type=int, default=200)
     e.add_argument("--eval-limit", type=int, default=None)
     e.add_argument("--error-rate", type=float, default=0.35)
+    e.add_argument("--shortcut-rate", type=float, default=0.0,
+                   help="the shortcut teacher's share of mental-math traces (0: the slip teacher)")
+    e.add_argument("--validation", action="store_true",
+                   help="evaluate on a validation split (neither training nor the demo's held-out problems)")
     e.add_argument("--error-weights", type=float, nargs="+", default=None,
                    help="relative frequency of each teacher error mode (redi_megatron.demo.teacher.ERROR_MODES)")
     e.add_argument("--layers", type=int, default=4)

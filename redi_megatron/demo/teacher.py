@@ -421,6 +421,25 @@ def eval_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterab
             for k, (a, b) in enumerate(pairs)]
 
 
+def validation_problems(num_problems: int, seed: int, cfg: TaskConfig, exclude: Iterable[tuple[int, int]]
+                        ) -> list[dict[str, str]]:
+    """Problems for choosing settings, disjoint from ``exclude`` (pass the training *and* held-out operand
+    pairs); their own random stream, so drawing them changes nothing else."""
+    cfg.validate()
+    rng = random.Random(f"redi-demo-validation-{seed}")
+    pairs = sample_problems(rng, cfg, num_problems, exclude=exclude)
+    return [{"id": f"val-{k:04d}", "problem": problem_text(a, b, rng), "answer": str(a + b)}
+            for k, (a, b) in enumerate(pairs)]
+
+
+def problem_operands(text: str) -> tuple[int, int]:
+    """The operand pair of a problem statement (any of ``PROBLEM_TEMPLATES``)."""
+    import re
+
+    a, b = re.findall(r"\d+", text)[:2]
+    return int(a), int(b)
+
+
 def operands(row: dict[str, Any]) -> tuple[int, int]:
     """The operand pair of a teacher row (parsed back from its ``solution``)."""
     text = row["solution"].split("$")[1]
