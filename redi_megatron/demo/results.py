@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 LABELS = {"base": "base (random init)", "sft": "SFT (stage 1, positives)",
-          "redi": "REDI (stage 2, pairs)", "control": "control (stage 2, alpha=0)",
-          "token_sft": "control (stage 2, token-level SFT on chosen)"}
+          "redi": "REDI (stage 2, pairs)", "control": "alpha=0 control (stage 2, pairs)",
+          "token_sft": "token-level SFT (stage 2, chosen traces)"}
 COMPARISONS = (("sft", "base"), ("redi", "sft"), ("control", "sft"), ("token_sft", "sft"), ("redi", "control"),
                ("redi", "token_sft"))
 
