@@ -1,5 +1,6 @@
 """The whole pipeline in ``redi-demo --quick`` (the README's first command, CI-sized): every stage's
-outputs are there and pass their checks, and SFT beats the random base model on held-out problems."""
+outputs are there and pass their checks, SFT beats the random base model on held-out problems, and the
+premise and per-path figures are written."""
 import json
 import os
 
@@ -32,6 +33,11 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     sft_vs_base = results["differences"]["sft-base"]
     assert sft_vs_base["diff"] > 2 * sft_vs_base["se"]
     assert os.path.exists(os.path.join(out, "plots", "sft", "loss.png"))
+    # the shortcut teacher's habit is copied, and the premise was measured before stage 2 on every pair
+    assert results["paths"]["sft"]["shortcut_rate"] > 0.1 and "token_sft" in models
+    premise = json.load(open(os.path.join(out, "premise.json")))
+    assert premise["pairs"] + premise["identical"] == sum(1 for _ in open(os.path.join(out, "chosen", "chosen.jsonl")))
+    assert 0.0 < premise["sampleable"] <= 1.0 and results["premise"]["redi"]["pairs"] == premise["pairs"]
     capsys.readouterr()
     # a rerun finds everything done and changes nothing
     assert cli.main(["--out", out, "--quick", "--quiet"]) == 0
