@@ -57,6 +57,8 @@ def aggregate(out: str, seeds: Sequence[int]) -> dict[str, Any]:
 
 
 def _cell(s: dict[str, Any], scale: float = 100.0) -> str:
+    if not math.isfinite(s["mean"]):
+        return "n/a"
     each = ", ".join("n/a" if not math.isfinite(x) else f"{scale * x:.1f}" for x in s["values"])
     sd = "" if not math.isfinite(s["sd"]) else f" +/- {scale * s['sd']:.1f}"
     return f"{scale * s['mean']:.1f}{sd} ({each})"
