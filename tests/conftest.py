@@ -8,9 +8,12 @@ import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not importable."""
+    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not importable; with
+    ``REDI_REQUIRE_VLLM=1`` (set by .ci/vllm) that is an error instead, so the CI job cannot pass empty."""
     if importlib.util.find_spec("vllm") is not None:
         return
+    if os.environ.get("REDI_REQUIRE_VLLM") == "1":
+        raise pytest.UsageError("REDI_REQUIRE_VLLM=1 but vllm is not importable in this environment")
     skip = pytest.mark.skip(reason="vllm is not importable in this environment (see docs/evaluation.md)")
     for item in items:
         if "vllm" in item.keywords:
