@@ -13,7 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 # vLLM on CPU reserves most of the host's memory for its KV cache unless told; the tiny models need little.
-VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# The engine core in the calling process starts in ~25 s instead of ~45 s (one process fewer to start).
+VLLM_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def child_env() -> dict[str, str]:

@@ -112,6 +112,7 @@ def vllm_logprobs_and_greedy(hf_dir: str | Path, dtype: torch.dtype, sequences: 
         env["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
     # On CPU vLLM reserves most of the host's memory for its KV cache unless told; a check needs little.
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engine core in the child itself: starts faster
     with tempfile.TemporaryDirectory(prefix="redi-parity-vllm-") as tmp:
         request, result = Path(tmp) / "request.json", Path(tmp) / "result.json"
         request.write_text(json.dumps({"model": str(hf_dir), "dtype": _VLLM_DTYPES[dtype],
