@@ -20,10 +20,12 @@ def _parity(args: list[str]):
 
 @pytest.mark.vllm
 def test_three_engines_agree_on_a_correct_checkpoint(megatron64):
-    proc, diffs = _parity(["--megatron", str(megatron64[1]), "--vllm", "--greedy-tokens", "12"])
+    # fp32, measured: max 3.2e-6. 2e-5 also catches a softmax over Megatron's padded vocabulary (4e-5).
+    proc, diffs = _parity(["--megatron", str(megatron64[1]), "--vllm", "--greedy-tokens", "12",
+                           "--max-logprob-diff", "2e-5"])
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert set(diffs) == {"megatron vs hf", "megatron vs vllm", "hf vs vllm"}
-    assert all(0 < mx <= 1e-4 and mean <= mx for mx, mean in diffs.values()), diffs  # fp32: ~1e-6 measured
+    assert all(0 < mx <= 2e-5 and mean <= mx for mx, mean in diffs.values()), diffs
     assert proc.stdout.count("12/12 tokens equal") == 3 and "PASS" in proc.stdout
 
 
