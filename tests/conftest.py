@@ -2,14 +2,18 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not importable."""
+    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not importable; with
+    ``REDI_REQUIRE_VLLM=1`` (set by .ci/vllm) that is an error instead, so the CI job cannot pass empty."""
     if importlib.util.find_spec("vllm") is not None:
         return
+    if os.environ.get("REDI_REQUIRE_VLLM") == "1":
+        raise pytest.UsageError("REDI_REQUIRE_VLLM=1 but vllm is not importable in this environment")
     skip = pytest.mark.skip(reason="vllm is not importable in this environment (see docs/evaluation.md)")
     for item in items:
         if "vllm" in item.keywords:
@@ -44,3 +48,29 @@ def tiny_train_data(tmp_path_factory):
                           max_completion_tokens=400, length_filter="both"), tokenizer=tok)
     return {"tokenizer": str(root / "tokenizer"), "positives": str(root / "curated" / "positives.jsonl"),
             "pairs": str(root / "curated" / "pairs.jsonl"), "root": root}
+
+
+@pytest.fixture(scope="session")
+def megatron64(tmp_path_factory):
+    """(HF source, Megatron checkpoint saved at TP2) of a tiny random Qwen2 with head_dim 64, the real Qwen
+    tokenizer: the model the vLLM tests (marked ``vllm``) run."""
+    from vllm_helpers import make_hf_qwen2_hd64, run_module
+
+    root = tmp_path_factory.mktemp("qwen2_hd64")
+    hf = make_hf_qwen2_hd64(root / "source")
+    port = str(29500 + os.getpid() % 1000)
+    run_module("redi_megatron.convert.hf_to_megatron",
+               ["--hf", str(hf), "--out", str(root / "mcore_tp2"), "--tp", "2", "--no-progress"], timeout=300,
+               launcher=("-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port))
+    return hf, root / "mcore_tp2"
+
+
+@pytest.fixture(scope="session")
+def exported64(megatron64, tmp_path_factory):
+    """``redi-megatron-to-hf`` of :func:`megatron64` (fp32): what redi-eval and vLLM load."""
+    from vllm_helpers import run_module
+
+    out = tmp_path_factory.mktemp("exported") / "hf"
+    run_module("redi_megatron.convert.megatron_to_hf", ["--megatron", str(megatron64[1]), "--out", str(out),
+                                                          "--no-progress"], timeout=300)
+    return str(out)

@@ -1,6 +1,7 @@
 """redi-verify-parity: run an HF model and a redi-megatron checkpoint on the same prompts and compare.
 
     redi-verify-parity --hf Qwen2.5-Math-1.5B --megatron ckpt/base
+    redi-verify-parity --megatron ckpt/step_1000 --vllm        # three engines, see below
 
 Prints, per prompt, the max absolute logit difference and the KL divergence KL(HF || Megatron) per
 token (mean and max), and exits 1 when either exceeds its tolerance (0 otherwise, 2 on bad input).
@@ -8,10 +9,18 @@ Both models run in fp32 by default, each prompt alone (no padding, no attention 
 explicit position ids. The Megatron model is the TP1/PP1 model the checkpoint reshards into. The HF
 model gets the checkpoint's RoPE base, context length and norm epsilon (a conversion with
 ``--override rope_theta=...`` is compared under the same RoPE), so only the weights are compared.
+
+With ``--vllm`` the checkpoint is exported (or ``--hf`` names its export, loaded as written, config.json
+included) and three engines score the same token ids: the trainer's log-probs (Megatron), transformers
+and vLLM (``prompt_logprobs``); it prints the max and mean |log-prob difference| of each pair and
+compares HF's and vLLM's greedy continuations token by token; exit 1 past ``--max-logprob-diff`` or on a
+greedy mismatch (see :mod:`redi_megatron.convert.vllm_parity`).
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +28,7 @@ from typing import Optional
 
 import torch
 
+from redi_megatron.convert import vllm_parity
 from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
@@ -111,12 +121,22 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="redi-verify-parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", required=True, help="HF model directory")
+    p.add_argument("--hf", default=None,
+                   help="HF model directory (required without --vllm; with it: an export to check as written)")
     p.add_argument("--megatron", required=True, help="redi-megatron checkpoint directory")
     p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: built-in)")
     p.add_argument("--dtype", default="fp32", help="compute dtype for both models (default fp32)")
     p.add_argument("--max-abs-diff", type=float, default=1e-3, help="tolerance on |logit difference|")
     p.add_argument("--max-kl", type=float, default=1e-5, help="tolerance on per-token KL(HF||Megatron)")
+    g = p.add_argument_group("three engines (--vllm)")
+    g.add_argument("--vllm", action="store_true",
+                   help="compare token log-probs of Megatron (the trainer's), transformers and vLLM on the "
+                        "export of --megatron, and HF/vLLM greedy continuations")
+    g.add_argument("--max-logprob-diff", type=float, default=1e-4,
+                   help="tolerance on |log-prob difference| between any two engines (default 1e-4, for fp32; "
+                        "bf16 needs about 1e-1)")
+    g.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared per prompt (0: none)")
+    g.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor-parallel size")
     return p
 
 
@@ -130,12 +150,63 @@ def _read_prompts(path: Optional[str]) -> Sequence[str]:
     return prompts
 
 
+def three_engines(args: argparse.Namespace, prompts: Sequence[str], cuda_visible: Optional[str]) -> int:
+    """``--vllm``: export (unless ``--hf`` names the export), score with the three engines, print, 0/1."""
+    from redi_megatron.convert.megatron_to_hf import export_megatron_to_hf, load_megatron_model
+
+    dtype = dtype_from_name(args.dtype, "--dtype")
+    report = vllm_parity.ThreeWayReport()
+    with tempfile.TemporaryDirectory(prefix="redi-parity-") as tmp:
+        with parallel_context():
+            hf_dir = Path(args.hf) if args.hf else export_megatron_to_hf(args.megatron, Path(tmp) / "hf",
+                                                                          progress=False)
+            model, cfg, _ = load_megatron_model(args.megatron, dtype=dtype)
+            sequences = _prompt_ids(hf_dir, Path(args.megatron), prompts, cfg.vocab_size)
+            report.logprobs["megatron"] = vllm_parity.megatron_logprobs(model, cfg.vocab_size, sequences)
+            del model
+        report.logprobs["hf"], report.greedy["hf"] = vllm_parity.hf_logprobs_and_greedy(hf_dir, dtype, sequences,
+                                                                                args.greedy_tokens)
+        report.logprobs["vllm"], report.greedy["vllm"] = vllm_parity.vllm_logprobs_and_greedy(
+            hf_dir, dtype, sequences, args.greedy_tokens, tensor_parallel_size=args.vllm_tp,
+            cuda_visible_devices=cuda_visible)
+    scored = sum(int(s.numel()) - 1 for s in sequences)
+    print(f"{scored} tokens scored over {len(sequences)} sequences ({args.dtype}); export: "
+          f"{args.hf or 'temporary'}")
+    print(f"{'engines':<18} {'max|dlogp|':>11} {'mean|dlogp|':>12}")
+    worst = 0.0
+    for a, b in vllm_parity.PAIRS:
+        mx, mean = report.diff(a, b)
+        worst = max(worst, mx)
+        print(f"{a + ' vs ' + b:<18} {mx:>11.3e} {mean:>12.3e}")
+    mismatches = report.greedy_mismatches()
+    for i, first in enumerate(mismatches):
+        h, v = report.greedy["hf"][i], report.greedy["vllm"][i]
+        print(f"greedy hf vs vllm, prompt {i}: " + (f"{len(h)}/{len(h)} tokens equal" if first is None else
+              f"first differs at token {first} (hf {h[first:first + 1]}, vllm {v[first:first + 1]})"))
+    differ = sum(m is not None for m in mismatches)
+    ok = worst <= args.max_logprob_diff and differ == 0
+    print(f"{'PASS' if ok else 'FAIL'}: max|dlogp| {worst:.3e} (tol {args.max_logprob_diff:g}); greedy "
+          f"continuations differ in {differ} of {len(mismatches)} prompts")
+    return 0 if ok else 1
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # for vLLM's child process
     force_cpu()
 
     def body() -> int:
         prompts = _read_prompts(args.prompts)
+        if args.vllm:
+            vllm_parity.check_vllm_installed()  # before anything else
+            read_meta(args.megatron)
+            if args.hf is not None and not (Path(args.hf) / "config.json").is_file():
+                raise UserError(f"{args.hf} has no config.json")
+            if args.greedy_tokens < 0:
+                raise UserError(f"--greedy-tokens must be >= 0, got {args.greedy_tokens}")
+            return three_engines(args, prompts, cuda_visible)
+        if args.hf is None:
+            raise UserError("--hf is required (or --vllm to export --megatron and compare three engines)")
         read_meta(args.megatron)
         dtype_from_name(args.dtype, "--dtype")
         if not (Path(args.hf) / "config.json").is_file():

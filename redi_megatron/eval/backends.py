@@ -165,7 +165,8 @@ class VLLMBackend:
 
     def __init__(self, model_path: str, sampling: SamplingConfig, tokenizer_path: Optional[str] = None,
                  dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.85,
-                 max_model_len: Optional[int] = None, seed: int = 0, progress: bool = True) -> None:
+                 max_model_len: Optional[int] = None, seed: int = 0, progress: bool = True,
+                 enforce_eager: bool = False) -> None:
         vllm = import_vllm()
         self.sampling = sampling
         self.progress = progress
@@ -173,7 +174,7 @@ class VLLMBackend:
         self.llm = vllm.LLM(
             model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=seed,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-            max_model_len=max_model_len, enable_prefix_caching=True,
+            max_model_len=max_model_len, enable_prefix_caching=True, enforce_eager=enforce_eager,
         )
         tokenizer = self.llm.get_tokenizer()
         self.tokenizer = tokenizer

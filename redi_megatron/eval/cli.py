@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="data parallel engines (one process per --tp GPUs, problems sharded)")
     g.add_argument("--gpu-memory-utilization", type=float, default=_DEFAULTS["gpu_memory_utilization"])
     g.add_argument("--max-model-len", type=int, default=None)
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="vLLM without torch.compile / CUDA graphs: starts faster (CPU runs, tests)")
     g.add_argument("--chunk-size", type=int, default=None,
                    help="samples between checkpoints to samples.jsonl (default 2048 vLLM, 4 x batch HF)")
     g.add_argument("--no-progress", dest="progress", action="store_false")

@@ -36,7 +36,8 @@ class EvalConfig:
         batch_size: sequences per HF ``generate`` call.
         tensor_parallel_size / data_parallel_size: vLLM TP inside one engine; DP = that many engine
             processes with the problems sharded between them (each gets ``tensor_parallel_size`` GPUs).
-        gpu_memory_utilization / max_model_len: passed to vLLM.
+        gpu_memory_utilization / max_model_len: passed to vLLM. enforce_eager: vLLM without torch.compile
+            or CUDA graphs (starts faster; for CPU runs and tests).
         chunk_size: samples generated between two appends to samples.jsonl (what an interruption
             can lose); default 2048 for vLLM, 4 * batch_size for HF.
         shard_index / num_shards: set internally on data-parallel worker processes.
@@ -68,6 +69,7 @@ class EvalConfig:
     data_parallel_size: int = 1
     gpu_memory_utilization: float = 0.85
     max_model_len: Optional[int] = None
+    enforce_eager: bool = False
     chunk_size: Optional[int] = None
     progress: bool = True
     shard_index: Optional[int] = None

@@ -51,7 +51,8 @@ def make_backend(cfg: EvalConfig) -> Any:
     sampling = cfg.sampling_config()
     if resolve_backend(cfg) == "vllm":
         return VLLMBackend(cfg.model, sampling, cfg.tokenizer, cfg.dtype, cfg.tensor_parallel_size,
-                           cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.progress)
+                           cfg.gpu_memory_utilization, cfg.max_model_len, cfg.seed, cfg.progress,
+                           enforce_eager=cfg.enforce_eager)
     return HFBackend(cfg.model, sampling, cfg.tokenizer, cfg.dtype, cfg.batch_size, cfg.progress)
 
 
