@@ -1,6 +1,6 @@
 """``redi-demo``: the whole REDI pipeline on a CPU in minutes, on a built-in arithmetic task.
 
-    redi-demo --out demo_run                        # about 12 minutes on 2 idle cores
+    redi-demo --out demo_run                        # about 9 minutes on 2 idle cores
     redi-demo --out demo_quick --quick              # CI-sized, about 4 minutes
     redi-demo --out demo_seeds --seeds 0 1 2        # one run per seed in demo_seeds/seed-K, then seeds.md
     redi-demo --out demo_slips --teacher slips      # the counter-case: a teacher whose slips the student never makes
