@@ -1,4 +1,4 @@
-"""The demo's settings: one dataclass tree, with the full (about 12 minutes) and ``--quick`` presets, for
+"""The demo's settings: one dataclass tree, with the full (about 9 minutes) and ``--quick`` presets, for
 either teacher (``shortcut``, the default, or ``slips``).
 
 The numbers were chosen with ``python -m redi_megatron.demo.probe`` on a 2-core machine; docs/demo.md
@@ -93,7 +93,7 @@ class DemoConfig:
 
 
 def full_config(seed: int = 0, teacher: str = "shortcut") -> DemoConfig:
-    """The default demo (target: about 12 minutes on 2 idle cores)."""
+    """The default demo (540 s measured on 2 idle cores; docs/demo.md)."""
     if teacher == "slips":
         # The earlier demo's task: column working only (2-5 digits), 35% of traces with one slip.
         return DemoConfig(seed=seed, teacher="slips", task=TaskConfig(min_digits=2, max_digits=5),
