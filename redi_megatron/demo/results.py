@@ -13,7 +13,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -59,8 +59,8 @@ def verdict_text(diff: float, se: float) -> str:
     return f"within 2 SE (z = {z:+.1f}): not distinguishable at this scale"
 
 
-def summarize(out: str, names: Sequence[str], n: int, premise_of: Any = None) -> dict[str, Any]:
-    """pass@1 rows, paired differences, accuracy by path and (``premise_of(name)``, trained models) the premise."""
+def summarize(out: str, names: Sequence[str], n: int, premise: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """pass@1 rows, paired differences, accuracy by path, and ``premise`` (by model) as given."""
     from redi_megatron.demo.analysis import path_accuracy
 
     problems = os.path.join(out, "teacher", "eval.jsonl")
@@ -79,8 +79,7 @@ def summarize(out: str, names: Sequence[str], n: int, premise_of: Any = None) ->
             d, se = paired_difference(mats[a], mats[b])
             diffs[f"{a}-{b}"] = {"diff": d, "se": se, "verdict": verdict_text(d, se)}
     paths = {name: path_accuracy(os.path.join(out, "eval", name, "samples.jsonl")) for name in names}
-    premise = {name: premise_of(name) for name in names if name != "base"} if premise_of else {}
-    return {"models": rows, "differences": diffs, "paths": paths, "premise": premise}
+    return {"models": rows, "differences": diffs, "paths": paths, "premise": premise or {}}
 
 
 def _pct(x: float) -> str:
@@ -143,23 +142,21 @@ def _render_premise(premise: dict[str, Any], e: Any) -> list[str]:
     return lines
 
 
-def write_results(out: str, cfg: Any, names: list[str]) -> str:
-    """Write ``results.json`` and ``results.md`` into ``out``; returns the Markdown."""
-    from redi_megatron.demo.analysis import run_premise
+def write_results(out: str, cfg: Any, names: list[str], pairs_path: Optional[str] = None) -> str:
+    """Write ``results.json`` and ``results.md`` into ``out``; returns the Markdown. With ``pairs_path`` (the
+    curated pairs) and the premise stage's ``premise.json``, the premise under every trained model too."""
+    from redi_megatron.demo.analysis import premise_by_model
     from redi_megatron.demo.runner import load_state
 
-    def premise_of(name: str) -> dict[str, Any]:
-        if name == "sft":  # measured before stage 2 (the premise stage)
-            with open(os.path.join(out, "premise.json"), encoding="utf-8") as f:
-                return json.load(f)
-        pairs = os.path.join(out, "curated", "pairs")
-        pairs = pairs if os.path.exists(pairs) else pairs + ".jsonl"
-        return run_premise(os.path.join(out, "models", name), os.path.join(out, "tokenizer"), pairs,
-                           cfg.eval.temperature, cfg.eval.top_p)
-
-    # The premise needs the premise stage's output and the exported models (absent in a partial run).
-    measured = os.path.exists(os.path.join(out, "premise.json"))
-    summary = summarize(out, names, cfg.eval.samples_per_problem, premise_of if measured else None)
+    premise = None
+    measured = os.path.join(out, "premise.json")  # absent in a partial run
+    if pairs_path is not None and os.path.exists(measured):
+        with open(measured, encoding="utf-8") as f:
+            premise = {"sft": json.load(f)}  # measured before stage 2, by the premise stage
+        stage2 = {name: os.path.join(out, "models", name) for name in names if name not in ("base", "sft")}
+        premise.update(premise_by_model(stage2, os.path.join(out, "tokenizer"), pairs_path, cfg.eval.temperature,
+                                        cfg.eval.top_p))
+    summary = summarize(out, names, cfg.eval.samples_per_problem, premise)
     seconds = {k: v.get("seconds", 0.0) for k, v in load_state(out).get("stages", {}).items()}
     text = render(summary, cfg, seconds)
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:

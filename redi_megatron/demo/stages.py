@@ -142,10 +142,10 @@ def curated_path(ctx: Context, name: str) -> str:
 
 def run_chosen(ctx: Context) -> None:
     """The pairs' chosen traces as SFT rows (``problem``, ``completion``) for the token-level SFT arm."""
-    from redi_megatron.demo.analysis import _load_pairs
+    from redi_megatron.demo.analysis import read_pairs
     from redi_megatron.outputs import write_atomic
 
-    rows = _load_pairs(curated_path(ctx, "pairs"))
+    rows = read_pairs(curated_path(ctx, "pairs"))
     os.makedirs(ctx.path("chosen"), exist_ok=True)
     write_atomic(ctx.path("chosen", "chosen.jsonl"),
                  (json.dumps({"problem": r["problem"], "completion": r["chosen"]}) + "\n" for r in rows))
@@ -161,12 +161,12 @@ def check_chosen(ctx: Context) -> list[str]:
 
 
 def run_premise(ctx: Context) -> None:
-    from redi_megatron.demo.analysis import pair_paths
-    from redi_megatron.demo.analysis import run_premise as measure
+    from redi_megatron.demo.analysis import pair_paths, premise_by_model
     from redi_megatron.outputs import write_atomic
 
     e = ctx.cfg.eval
-    m = measure(ctx.path("models", "sft"), ctx.path("tokenizer"), curated_path(ctx, "pairs"), e.temperature, e.top_p)
+    m = premise_by_model({"sft": ctx.path("models", "sft")}, ctx.path("tokenizer"), curated_path(ctx, "pairs"),
+                         e.temperature, e.top_p)["sft"]
     m["pair_paths"] = pair_paths(curated_path(ctx, "pairs"))
     write_atomic(ctx.path("premise.json"), json.dumps(m, indent=2))
     print(f"    premise, SFT model, {m['pairs']} pairs: the rejected trace's first diverging token can be sampled "
@@ -318,7 +318,7 @@ def model_names(cfg: DemoConfig) -> list[str]:
 def run_results(ctx: Context) -> None:
     from redi_megatron.demo.results import write_results
 
-    text = write_results(ctx.out, ctx.cfg, model_names(ctx.cfg))
+    text = write_results(ctx.out, ctx.cfg, model_names(ctx.cfg), pairs_path=curated_path(ctx, "pairs"))
     print(text, flush=True)
 
 
