@@ -25,7 +25,7 @@ ALLOWED = {
     "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval", "convert"},
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
-BASE = {"errors", "outputs", "typed"}  # standard-library-only modules at the package root, usable from every layer
+BASE = {"errors", "locks", "outputs", "typed"}  # standard-library-only modules at the package root, usable from every layer
 
 
 def _imports(path: pathlib.Path) -> set[str]:
