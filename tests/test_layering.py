@@ -25,7 +25,8 @@ ALLOWED = {
     "demo": {"compat", "data", "losses", "parallel", "models", "config", "training", "eval", "convert"},
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
-BASE = {"errors", "locks", "outputs", "typed"}  # standard-library-only modules at the package root, usable from every layer
+# standard-library-only modules at the package root, usable from every layer
+BASE = {"errors", "locks", "outputs", "typed"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:
