@@ -13,6 +13,7 @@ import torch
 
 from redi_megatron.convert.mappings import (
     CONFIG_FIELDS,
+    LLAMA3_ROPE_FIELDS,
     OVERRIDABLE,
     Family,
     family_for_architecture,
@@ -82,19 +83,43 @@ def read_hf_config(hf_dir: str | Path, overrides: Optional[dict[str, Any]] = Non
     hf_cfg = AutoConfig.from_pretrained(str(hf_dir))
     rope = _rope(hf_cfg)
     for key, wanted in family.requires:
-        value = rope.get(key) if key == "rope_type" else getattr(hf_cfg, key, wanted)
+        value = getattr(hf_cfg, key, wanted)
         if value != wanted:
             raise UserError(f"{path}: {key}={value!r} is not supported for {family.name} "
                              f"(the Megatron model needs {key}={wanted!r})")
+    if rope["rope_type"] not in family.rope_types:
+        raise UserError(f"{path}: rope_type={rope['rope_type']!r} is not supported for {family.name} "
+                         f"(supported: {', '.join(family.rope_types)})")
     values: dict[str, Any] = {field: getattr(hf_cfg, key) for field, key in CONFIG_FIELDS}
     if values["num_query_groups"] is None:
         values["num_query_groups"] = values["num_attention_heads"]
     head_dim = getattr(hf_cfg, "head_dim", None)
     if head_dim and head_dim * values["num_attention_heads"] != values["hidden_size"]:
         values["kv_channels"] = head_dim
-    values.update(family=family.name, add_qkv_bias=family.add_qkv_bias, rope_theta=float(rope["rope_theta"]))
+    values.update(family=family.name, add_qkv_bias=family.add_qkv_bias, qk_layernorm=family.qk_layernorm,
+                  rope_theta=float(rope["rope_theta"]), rope_type=rope["rope_type"])
+    if rope["rope_type"] == "llama3":
+        missing = [key for _, key in LLAMA3_ROPE_FIELDS if key not in rope]
+        if missing:
+            raise UserError(f"{path}: rope_scaling of type 'llama3' lacks {', '.join(missing)}")
+        values.update({field: rope[key] for field, key in LLAMA3_ROPE_FIELDS})
+        values["rope_scaling_factor"] = float(values["rope_scaling_factor"])
+        values["rope_low_freq_factor"] = float(values["rope_low_freq_factor"])
+        values["rope_high_freq_factor"] = float(values["rope_high_freq_factor"])
     values.update(overrides or {})
     return family, ModelConfig(**values), raw
+
+
+def _rope_for_export(cfg: ModelConfig, source: Any) -> dict[str, Any]:
+    """transformers 5's ``rope_parameters``; 4.x reads the same keys (less ``rope_theta``) as ``rope_scaling``."""
+    out = dict(source) if isinstance(source, dict) else {}
+    for _, key in LLAMA3_ROPE_FIELDS:
+        out.pop(key, None)
+    out.pop("type", None)
+    out.update(rope_theta=cfg.rope_theta, rope_type=cfg.rope_type)
+    if cfg.rope_type == "llama3":
+        out.update({key: getattr(cfg, field) for field, key in LLAMA3_ROPE_FIELDS})
+    return out
 
 
 def hf_dtype(raw: dict[str, Any]) -> Optional[str]:
@@ -121,10 +146,9 @@ def hf_config_for_export(cfg: ModelConfig, dtype: torch.dtype, source: Optional[
                rope_theta=cfg.rope_theta, hidden_act="silu")
     if cfg.kv_channels is not None or "head_dim" in out:
         out["head_dim"] = cfg.head_dim
-    if isinstance(out.get("rope_parameters"), dict):
-        out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": cfg.rope_theta}
-    else:
-        out["rope_parameters"] = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
+    out["rope_parameters"] = _rope_for_export(cfg, out.get("rope_parameters"))
+    out["rope_scaling"] = {k: v for k, v in out["rope_parameters"].items() if k != "rope_theta"} \
+        if cfg.rope_type != "default" else None
     name = str(dtype).removeprefix("torch.")
     out.update(dtype=name, torch_dtype=name)
     return out

@@ -40,7 +40,8 @@ Shape = tuple[str, ...]
 def dims(cfg: ModelConfig) -> dict[str, int]:
     """Values of the symbolic dimension names used in the tables."""
     return {"hidden": cfg.hidden_size, "ffn": cfg.ffn_hidden_size, "vocab": cfg.vocab_size,
-            "q": cfg.num_attention_heads * cfg.head_dim, "kv": cfg.num_query_groups * cfg.head_dim}
+            "q": cfg.num_attention_heads * cfg.head_dim, "kv": cfg.num_query_groups * cfg.head_dim,
+            "head": cfg.head_dim}
 
 
 def resolve(shape: Shape, cfg: ModelConfig) -> tuple[int, ...]:
@@ -156,6 +157,8 @@ class Family:
     model_type: str
     add_qkv_bias: bool
     params: tuple[Mapping, ...]          # names with {i} are per layer
+    qk_layernorm: bool = False           # per-head q/k RMSNorm (ModelConfig.qk_layernorm)
+    rope_types: tuple[str, ...] = ("default",)   # HF rope_type values this family converts
     requires: tuple[tuple[str, Any], ...] = ()   # HF config attribute -> value this converter supports
     ignored_hf: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq$",)  # regexes of HF tensors with no weight
 
@@ -174,7 +177,7 @@ class Family:
                 yield m, None
 
 
-def _layer_params(qkv_bias: bool) -> tuple[Mapping, ...]:
+def _layer_params(qkv_bias: bool, qk_norm: bool = False) -> tuple[Mapping, ...]:
     L, M = "decoder.layers.{i}.", "model.layers.{i}."
     rows: list[Mapping] = [
         Direct(L + "input_layernorm.weight", M + "input_layernorm.weight", ("hidden",),
@@ -185,6 +188,9 @@ def _layer_params(qkv_bias: bool) -> tuple[Mapping, ...]:
     if qkv_bias:
         rows.append(FusedQKV(L + "self_attention.linear_qkv.bias", M + "self_attn.q_proj.bias",
                              M + "self_attn.k_proj.bias", M + "self_attn.v_proj.bias", bias=True))
+    if qk_norm:  # one [head_dim] weight shared by all heads: replicated across TP (same name in TE's spec)
+        rows += [Direct(L + "self_attention.q_layernorm.weight", M + "self_attn.q_norm.weight", ("head",)),
+                 Direct(L + "self_attention.k_layernorm.weight", M + "self_attn.k_norm.weight", ("head",))]
     rows += [
         Direct(L + "self_attention.linear_proj.weight", M + "self_attn.o_proj.weight", ("hidden", "q"),
                tp_dim=1),
@@ -196,11 +202,11 @@ def _layer_params(qkv_bias: bool) -> tuple[Mapping, ...]:
     return tuple(rows)
 
 
-def _table(qkv_bias: bool) -> tuple[Mapping, ...]:
+def _table(qkv_bias: bool, qk_norm: bool = False) -> tuple[Mapping, ...]:
     return (
         Direct("embedding.word_embeddings.weight", "model.embed_tokens.weight", ("vocab", "hidden"),
                tp_dim=0, vocab=True),
-        *_layer_params(qkv_bias),
+        *_layer_params(qkv_bias, qk_norm),
         Direct("decoder.final_layernorm.weight", "model.norm.weight", ("hidden",)),
         Direct("output_layer.weight", "lm_head.weight", ("vocab", "hidden"), tp_dim=0, vocab=True,
                untied_only=True),
@@ -208,15 +214,25 @@ def _table(qkv_bias: bool) -> tuple[Mapping, ...]:
 
 
 # HF config features the Megatron model built by redi_megatron.models.builder does not have.
-_DENSE_SILU = (("hidden_act", "silu"), ("rope_type", "default"))
+_DENSE_SILU = (("hidden_act", "silu"),)
 
 QWEN2 = Family(name="qwen2", architectures=("Qwen2ForCausalLM",), model_type="qwen2", add_qkv_bias=True,
                params=_table(qkv_bias=True),
                requires=_DENSE_SILU + (("use_sliding_window", False),))
+# Qwen3 dense: no qkv bias, per-head q/k RMSNorm before RoPE, head_dim set on its own (128 at every size).
+QWEN3 = Family(name="qwen3", architectures=("Qwen3ForCausalLM",), model_type="qwen3", add_qkv_bias=False,
+               params=_table(qkv_bias=False, qk_norm=True), qk_layernorm=True,
+               requires=_DENSE_SILU + (("attention_bias", False), ("use_sliding_window", False)))
+# Llama 2 and Llama 3.x (3.1/3.2/3.3 carry rope_type "llama3"; 3.2-1B/3B tie their embeddings).
 LLAMA = Family(name="llama", architectures=("LlamaForCausalLM",), model_type="llama", add_qkv_bias=False,
-               params=_table(qkv_bias=False),
+               params=_table(qkv_bias=False), rope_types=("default", "llama3"),
                requires=_DENSE_SILU + (("attention_bias", False), ("mlp_bias", False)))
-FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2, LLAMA)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (QWEN2, QWEN3, LLAMA)}
+# ModelConfig rope field <- key of HF's rope_scaling / rope_parameters (rope_type "llama3").
+LLAMA3_ROPE_FIELDS: tuple[tuple[str, str], ...] = (
+    ("rope_scaling_factor", "factor"), ("rope_low_freq_factor", "low_freq_factor"),
+    ("rope_high_freq_factor", "high_freq_factor"),
+    ("rope_original_max_position_embeddings", "original_max_position_embeddings"))
 
 # ModelConfig field <- HF config attribute; the inverse writes config.json on export.
 CONFIG_FIELDS: tuple[tuple[str, str], ...] = (

@@ -1,4 +1,4 @@
-"""Build Megatron-Core GPT models (Qwen2 / Llama) for the current rank's pipeline stage(s)."""
+"""Build Megatron-Core GPT models (Qwen2 / Qwen3 / Llama) for the current rank's pipeline stage(s)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -8,6 +8,7 @@ import torch
 from redi_megatron.compat import cpu as cpu_compat
 from redi_megatron.models.config import ModelConfig, ParallelConfig, transformer_config
 from redi_megatron.models.layer_specs import block_spec, have_transformer_engine, require_transformer_engine
+from redi_megatron.models.rope import install_rope
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
@@ -40,6 +41,7 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, dtype: torc
         rotary_base=int(model.rope_theta) if float(model.rope_theta).is_integer() else model.rope_theta,
         vp_stage=vp_stage,
     )
+    install_rope(gpt, model)
     return gpt.cuda() if on_gpu else gpt
 
 

@@ -9,14 +9,17 @@ from redi_megatron.errors import UserError
 if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
     import torch
 
-Family = Literal["qwen2", "llama"]
+Family = Literal["qwen2", "qwen3", "llama"]
+RopeType = Literal["default", "llama3"]
+ROPE_TYPES = get_args(RopeType)
 FAMILIES = get_args(Family)
 FP8_RECIPES = {"delayed": "delayed", "current": "tensorwise"}  # train.fp8 -> Megatron's fp8_recipe
 
 
 @dataclass
 class ModelConfig:
-    """Architecture of a decoder-only model (Qwen2 or Llama family). Defaults: a tiny CPU test model."""
+    """Architecture of a decoder-only model (Qwen2, Qwen3 dense or Llama 2/3 family). Defaults: a tiny CPU test
+    model."""
 
     family: Family = "qwen2"
     num_layers: int = 2
@@ -30,7 +33,13 @@ class ModelConfig:
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
-    add_qkv_bias: bool = True                # Qwen2: True, Llama: False
+    add_qkv_bias: bool = True                # Qwen2: True, Qwen3 and Llama: False
+    qk_layernorm: bool = False               # per-head RMSNorm on queries and keys before RoPE (Qwen3)
+    rope_type: RopeType = "default"          # "llama3": Llama 3.1/3.2 frequency-dependent scaling
+    rope_scaling_factor: float = 8.0         # llama3 only: >= 1
+    rope_low_freq_factor: float = 1.0        # llama3 only: > 0
+    rope_high_freq_factor: float = 4.0       # llama3 only: > rope_low_freq_factor
+    rope_original_max_position_embeddings: int = 8192  # llama3 only: >= 1
     tie_word_embeddings: bool = True
     init_method_std: float = 0.02
 
@@ -43,9 +52,24 @@ class ModelConfig:
         for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
             if getattr(self, name) % tp:
                 raise UserError(f"parallel.tp={tp} does not divide model.{name}={getattr(self, name)}")
+        self._validate_rope()
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise UserError("model.hidden_size must be divisible by model.num_attention_heads "
                              "(or set model.kv_channels)")
+
+    def _validate_rope(self) -> None:
+        if self.rope_type not in ROPE_TYPES:
+            raise UserError(f"model.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        if self.rope_scaling_factor < 1:
+            raise UserError(f"model.rope_scaling_factor must be >= 1, got {self.rope_scaling_factor}")
+        if not self.rope_low_freq_factor > 0:
+            raise UserError(f"model.rope_low_freq_factor must be > 0, got {self.rope_low_freq_factor}")
+        if not self.rope_high_freq_factor > self.rope_low_freq_factor:
+            raise UserError(f"model.rope_high_freq_factor ({self.rope_high_freq_factor}) must be > "
+                             f"model.rope_low_freq_factor ({self.rope_low_freq_factor})")
+        if self.rope_original_max_position_embeddings < 1:
+            raise UserError("model.rope_original_max_position_embeddings must be >= 1, got "
+                             f"{self.rope_original_max_position_embeddings}")
 
     @property
     def head_dim(self) -> int:
@@ -109,6 +133,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: O
         num_query_groups=model.num_query_groups, kv_channels=model.head_dim,
         normalization="RMSNorm", layernorm_epsilon=model.norm_eps, gated_linear_unit=True,
         activation_func=torch.nn.functional.silu, add_bias_linear=False, add_qkv_bias=model.add_qkv_bias,
+        qk_layernorm=model.qk_layernorm,
         hidden_dropout=0.0, attention_dropout=0.0, init_method_std=model.init_method_std,
         tensor_model_parallel_size=parallel.tp, pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vpp, context_parallel_size=parallel.cp,

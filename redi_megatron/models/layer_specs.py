@@ -44,7 +44,7 @@ def block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] 
     if use_te:
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
-        return get_gpt_layer_with_transformer_engine_spec()
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import get_num_layers_to_build
 
@@ -54,5 +54,8 @@ def block_spec(config: TransformerConfig, use_te: bool, vp_stage: Optional[int] 
     layer.submodules.input_layernorm = SPRMSNorm
     layer.submodules.pre_mlp_layernorm = SPRMSNorm
     layer.submodules.self_attention.submodules.core_attention = THDCoreAttention
+    if config.qk_layernorm:  # per-head RMSNorm over head_dim; Megatron all-reduces its grads over TP
+        layer.submodules.self_attention.submodules.q_layernorm = SPRMSNorm
+        layer.submodules.self_attention.submodules.k_layernorm = SPRMSNorm
     return TransformerBlockSubmodules(layer_specs=[layer] * get_num_layers_to_build(config, vp_stage),
                                       layer_norm=SPRMSNorm)
