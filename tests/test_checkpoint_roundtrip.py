@@ -39,6 +39,21 @@ def _make_hf(family: str, path: Path) -> Path:
                                        max_position_embeddings=256, rope_theta=10000.0,
                                        tie_word_embeddings=True)
         model = transformers.Qwen2ForCausalLM(cfg)
+    elif family == "qwen3":  # Qwen3-0.6B's structure shrunk: q/k norm, head_dim 32 != 64/4, tied, theta 1e6
+        cfg = transformers.Qwen3Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=32, max_position_embeddings=256, rope_theta=1000000.0,
+                                       attention_bias=False, tie_word_embeddings=True, rms_norm_eps=1e-6)
+        model = transformers.Qwen3ForCausalLM(cfg)
+    elif family == "llama3":  # Llama-3.2-1B's structure shrunk: llama3 RoPE scaling (its values), tied
+        rope = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+        cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       head_dim=16, max_position_embeddings=131072, rope_theta=500000.0,
+                                       rope_scaling=rope, rope_parameters=rope, rms_norm_eps=1e-5,
+                                       tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
     else:  # head_dim 32 != hidden/heads = 16: exercises kv_channels; untied output layer
         cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96,
                                        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -53,7 +68,7 @@ def _make_hf(family: str, path: Path) -> Path:
 @pytest.fixture(scope="module")
 def hf_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf")
-    return {f: _make_hf(f, root / f) for f in ("qwen2", "llama")}
+    return {f: _make_hf(f, root / f) for f in ("qwen2", "llama", "qwen3", "llama3")}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +179,9 @@ def _converted_ckpt(hf_models, tmp_path_factory, tokens, family: str, layout: st
 
 
 @pytest.mark.parametrize("family,layout", [("qwen2", "tp1"), ("qwen2", "tp2"), ("qwen2", "pp2"),
-                                           ("qwen2", "tp2pp2"), ("llama", "tp1"), ("llama", "tp2pp2")])
+                                           ("qwen2", "tp2pp2"), ("llama", "tp1"), ("llama", "tp2pp2"),
+                                           ("qwen3", "tp1"), ("qwen3", "tp2"), ("qwen3", "pp2"),
+                                           ("llama3", "tp1"), ("llama3", "tp2"), ("llama3", "pp2")])
 def test_hf_to_megatron_logits_match_transformers(hf_models, tmp_path_factory, tokens, family, layout):
     ckpt, logits = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, layout)
     ref = _hf_logits(hf_models[family], tokens)
@@ -175,11 +192,12 @@ def test_hf_to_megatron_logits_match_transformers(hf_models, tmp_path_factory, t
     assert (meta["saved_layout"]["tp"], meta["saved_layout"]["pp"]) == _LAYOUTS[layout]
 
 
-@pytest.mark.parametrize("family", ["qwen2", "llama"])
+@pytest.mark.parametrize("family", ["qwen2", "llama", "qwen3", "llama3"])
 def test_megatron_to_hf_bit_exact_and_generates_same(hf_models, tmp_path_factory, tokens, family):
     from safetensors.torch import load_file
 
-    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, "tp2pp2")
+    layout = "tp2pp2" if family in ("qwen2", "llama") else "pp2"  # new families: reshard from PP2 to TP1
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, layout)
     out = tmp_path_factory.mktemp("export") / family
     shard = ["--max-shard-size", "40KB"] if family == "llama" else []  # llama: several shards + index
     assert run_distributed(_export, 1, args=(str(ckpt), str(out), shard))[0] == 0
@@ -199,7 +217,7 @@ def test_megatron_to_hf_bit_exact_and_generates_same(hf_models, tmp_path_factory
     for key in ("vocab_size", "num_key_value_heads", "head_dim", "tie_word_embeddings", "rms_norm_eps",
                 "bos_token_id", "eos_token_id"):  # the last two only exist in the source config.json
         assert getattr(dst.config, key, None) == getattr(src.config, key, None), key
-    assert dst.config.rope_parameters["rope_theta"] == src.config.rope_parameters["rope_theta"]
+    assert dst.config.rope_parameters == src.config.rope_parameters
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         assert torch.equal(dst.generate(tokens, **kwargs), src.generate(tokens, **kwargs))
