@@ -23,6 +23,17 @@ from redi_megatron.testing.distributed import run_distributed
 
 MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
                     num_query_groups=2, vocab_size=256)
+# Qwen3: per-head q/k RMSNorm (its weight grads are partial per TP rank), head_dim 32 != 64/4, no qkv bias.
+# Llama 3.2: llama3 RoPE scaling with 3.2's values, tied embeddings, no bias.
+MODELS = {
+    "qwen2": MODEL,
+    "qwen3": ModelConfig(family="qwen3", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                         num_query_groups=2, kv_channels=32, vocab_size=256, add_qkv_bias=False, qk_layernorm=True,
+                         rope_theta=1e6),
+    "llama3": ModelConfig(family="llama", num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                          num_query_groups=2, vocab_size=256, add_qkv_bias=False, rope_theta=500000.0,
+                          rope_type="llama3", rope_scaling_factor=32.0, norm_eps=1e-5),
+}
 ROW, MULTIPLE = 128, 16          # 16 = 2*CP*TP for the largest layout (TP2 + SP, CP4)
 MB_PER_DP = 2                    # a multiple of PP, as the interleaved schedule needs
 ALPHA = 0.8
@@ -44,7 +55,7 @@ def _global_batch(loss: str, dp: int) -> list[list[SequenceSpec]]:
     return [_sequences(100 * (loss == "redi") + i, loss) for i in range(MB_PER_DP * dp)]
 
 
-def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
+def _schedule_rank(parallel: ParallelConfig, full_sd: dict, model: ModelConfig = MODEL) -> dict:
     """Every rank: one forward/backward per loss through the trainer's schedule; loss and full grads."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -60,7 +71,7 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
 
     g = groups()
     dp_rank, dp_size = g.rank(g.dp), g.size(g.dp)
-    chunks = build_model_chunks(MODEL, parallel)
+    chunks = build_model_chunks(model, parallel)
     wrapped = []
     for chunk in chunks:
         load_full_state_dict(chunk, full_sd, g.rank(g.tp), g.size(g.tp))
@@ -87,14 +98,14 @@ def _schedule_rank(parallel: ParallelConfig, full_sd: dict) -> dict:
     return out
 
 
-def _reference_rank(full_sd: dict, dp: int) -> dict:
+def _reference_rank(full_sd: dict, dp: int, cfg: ModelConfig = MODEL) -> dict:
     """One process, no packing: every sequence alone through the model; losses from their formulas."""
     from redi_megatron.models.builder import build_gpt_model
     from redi_megatron.models.inputs import model_inputs
     from redi_megatron.models.sharding import load_full_state_dict
     from redi_megatron.parallel.state import groups
 
-    model = build_gpt_model(MODEL, ParallelConfig())
+    model = build_gpt_model(cfg, ParallelConfig())
     load_full_state_dict(model, full_sd, 0, 1)
     out = {}
     for loss in ("sft", "redi"):
@@ -127,18 +138,32 @@ def _named(model) -> dict:
     return {names[n]: p for n, p in model.named_parameters()}
 
 
-def _init_full_state_dict():
+def _init_full_state_dict(cfg: ModelConfig = MODEL):
     from redi_megatron.models.builder import build_gpt_model
     from redi_megatron.testing.params import gather_stage_tensors
 
     torch.manual_seed(0)
-    return gather_stage_tensors([build_gpt_model(MODEL, ParallelConfig())], None)
+    full = gather_stage_tensors([build_gpt_model(cfg, ParallelConfig())], None)
+    g = torch.Generator().manual_seed(1)
+    for name, t in full.items():  # norms start at 1: perturb them so a q/k norm mix-up shows
+        if "layernorm" in name or "norm" in name.rsplit(".", 2)[0]:
+            t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return full
+
+
+_references: dict = {}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    full_sd = run_distributed(_init_full_state_dict, 1)[0]
-    return full_sd, {dp: run_distributed(_reference_rank, 1, args=(full_sd, dp))[0] for dp in (1, 2)}
+    def get(family: str):
+        if family not in _references:
+            cfg = MODELS[family]
+            full_sd = run_distributed(_init_full_state_dict, 1, args=(cfg,))[0]
+            _references[family] = full_sd, {dp: run_distributed(_reference_rank, 1, args=(full_sd, dp, cfg))[0]
+                                            for dp in (1, 2)}
+        return _references[family]
+    return get
 
 
 LAYOUTS = [
@@ -156,12 +181,13 @@ LAYOUTS = [
 ]
 
 
+@pytest.mark.parametrize("family", list(MODELS))
 @pytest.mark.parametrize("name,world,parallel", LAYOUTS, ids=[x[0] for x in LAYOUTS])
-def test_packed_layout_matches_unpacked_single_rank(reference, name, world, parallel):
-    full_sd, refs = reference
+def test_packed_layout_matches_unpacked_single_rank(reference, name, world, parallel, family):
+    full_sd, refs = reference(family)
     dp = world // (parallel.tp * parallel.pp * parallel.cp)
     results = run_distributed(_schedule_rank, world, tp=parallel.tp, pp=parallel.pp, cp=parallel.cp,
-                              vpp=parallel.vpp, args=(parallel, full_sd), timeout=240)
+                              vpp=parallel.vpp, args=(parallel, full_sd, MODELS[family]), timeout=240)
     for loss in ("sft", "redi"):
         ref = refs[dp][loss]
         grads: dict = {}
