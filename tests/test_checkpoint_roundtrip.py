@@ -398,3 +398,27 @@ def test_export_of_a_truncated_checkpoint_is_one_line_naming_the_file(hf_models,
     (copy / "manifest.json").unlink()  # an unverifiable checkpoint is refused unless trusted
     assert run_distributed(_export, 1, args=(str(copy), str(tmp_path / "hf"), []))[0] == 2
     assert not (tmp_path / "hf").exists()
+
+
+def _trainer_logprobs(ckpt: str, sequences: list) -> list:
+    from redi_megatron.convert.megatron_to_hf import load_megatron_model
+    from redi_megatron.convert.vllm_parity import megatron_logprobs
+
+    model, cfg, _ = load_megatron_model(Path(ckpt), dtype=torch.float32)
+    return megatron_logprobs(model, cfg.vocab_size, sequences)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_trainer_logprobs_equal_transformers(hf_models, tmp_path_factory, tokens, family):
+    """The trainer's token log-probs (vocab_parallel_logprobs on a TP2-saved checkpoint, resharded to one
+    rank) equal transformers' log_softmax on the source directory, fp32."""
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, "tp2")
+    sequences = [tokens[0], tokens[1, :7]]
+    ours = run_distributed(_trainer_logprobs, 1, args=(str(ckpt), sequences))[0]
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_models[family], dtype=torch.float32).eval()
+    for ids, mine in zip(sequences, ours):
+        with torch.no_grad():
+            logits = hf(ids[None], position_ids=torch.arange(ids.numel())[None]).logits[0, :-1]
+        ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[1:, None])[:, 0]
+        assert mine.shape == ref.shape
+        torch.testing.assert_close(mine, ref, rtol=0, atol=TOL)
