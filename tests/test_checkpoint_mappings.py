@@ -20,6 +20,7 @@ from redi_megatron.convert.hf_to_megatron import plan_conversion
 from redi_megatron.convert.mappings import (
     LLAMA,
     QWEN2,
+    QWEN3,
     Direct,
     FusedGateUp,
     FusedQKV,
@@ -111,15 +112,18 @@ def test_row_parallel_split_is_columns():
 
 
 def test_tables_cover_each_tensor_once_and_te_names():
-    for family, tied in ((QWEN2, True), (LLAMA, False)):
-        cfg = replace(CFG, family=family.name, tie_word_embeddings=tied)
+    for family, tied in ((QWEN2, True), (LLAMA, False), (QWEN3, True)):
+        cfg = replace(CFG, family=family.name, tie_word_embeddings=tied, kv_channels=32)
         expected = expected_hf_tensors(family, cfg)
-        per_layer = 12 if family is QWEN2 else 9  # 2 norms, q, k, v, o, gate, up, down (+ 3 biases)
+        # 2 norms, q, k, v, o, gate, up, down (+ 3 biases for Qwen2, + q/k norms for Qwen3)
+        per_layer = {"qwen2": 12, "llama": 9, "qwen3": 11}[family.name]
         assert len(expected) == 2 + (0 if tied else 1) + cfg.num_layers * per_layer
         index = megatron_index(family, cfg)
         assert index["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"] == \
             index["decoder.layers.1.input_layernorm.weight"]
         assert ("output_layer.weight" in index) is not tied
+    assert expected_hf_tensors(QWEN3, cfg)["model.layers.0.self_attn.q_norm.weight"] == (32,)
+    assert expected_hf_tensors(QWEN3, cfg)["model.layers.0.self_attn.q_proj.weight"] == (cfg.num_attention_heads * 32, 64)
 
 
 def test_whole_table_round_trips_with_local_or_te_names():
@@ -201,14 +205,66 @@ def test_export_config_loads_in_transformers(tmp_path, source):
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": True},
      "attention_bias"),
     ({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 16384,
-      "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}, "rope_type"),
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4096}},
+     "rope_type='yarn' is not supported for llama"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                       "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     "rope_type='llama3' is not supported for qwen2"),
+    ({"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": True}, "attention_bias"),
 ])
 def test_unsupported_configs_are_refused(tmp_path, change, message):
     (tmp_path / "config.json").write_text(json.dumps({**QWEN_MATH_CONFIG, **change}))
     with pytest.raises(ValueError, match=message) as err:
         read_hf_config(tmp_path)
     assert "config.json" in str(err.value)
+
+
+LLAMA32_CONFIG = {  # Llama-3.2-1B's config.json (transformers 4.x format), shrunk
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "bos_token_id": 128000,
+    "eos_token_id": 128001, "head_dim": 16, "hidden_act": "silu", "hidden_size": 64, "initializer_range": 0.02,
+    "intermediate_size": 96, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 4, "num_hidden_layers": 2, "num_key_value_heads": 2, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "vocab_size": 300,
+}
+
+
+def test_reads_llama32_rope_scaling_and_exports_it(tmp_path):
+    from transformers import AutoConfig
+
+    family, cfg, raw = read_hf_config(_hf_dir(tmp_path / "m", LLAMA32_CONFIG))
+    assert family is LLAMA and cfg.tie_word_embeddings and not cfg.add_qkv_bias and not cfg.qk_layernorm
+    assert (cfg.rope_type, cfg.rope_scaling_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+            cfg.rope_original_max_position_embeddings, cfg.rope_theta) == ("llama3", 32.0, 1.0, 4.0, 8192, 5e5)
+    out = hf_config_for_export(cfg, torch.bfloat16, raw)
+    assert out["rope_scaling"] == {**LLAMA32_CONFIG["rope_scaling"]}  # transformers 4.x / vLLM read this
+    (tmp_path / "config.json").write_text(json.dumps(out))
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters == {**LLAMA32_CONFIG["rope_scaling"],
+                                                                    "rope_theta": 500000.0}
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rope_type", "yarn", "rope_type must be one of"), ("rope_scaling_factor", 0.5, ">= 1"),
+    ("rope_low_freq_factor", 0.0, "> 0"), ("rope_high_freq_factor", 1.0, "must be > model.rope_low"),
+    ("rope_original_max_position_embeddings", 0, ">= 1")])
+def test_rope_fields_are_checked(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        replace(ModelConfig(), **{field: value}).validate()
+
+
+def test_llama3_frequencies_equal_transformers():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from redi_megatron.models.rope import inv_freq_for
+
+    hf = LlamaConfig(**{k: v for k, v in LLAMA32_CONFIG.items() if k != "architectures"})
+    cfg = replace(ModelConfig(family="llama", hidden_size=64, num_attention_heads=4, add_qkv_bias=False),
+                  rope_theta=5e5, rope_type="llama3", rope_scaling_factor=32.0)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
+    assert torch.equal(inv_freq_for(cfg), ref)
+    assert not torch.equal(inv_freq_for(replace(cfg, rope_type="default")), ref)
 
 
 @pytest.mark.parametrize("tp,pp,message", [(3, 1, "num_attention_heads=4"), (4, 1, "num_query_groups=2"),
