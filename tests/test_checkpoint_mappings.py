@@ -122,8 +122,9 @@ def test_tables_cover_each_tensor_once_and_te_names():
         assert index["decoder.layers.1.self_attention.linear_qkv.layer_norm_weight"] == \
             index["decoder.layers.1.input_layernorm.weight"]
         assert ("output_layer.weight" in index) is not tied
-    assert expected_hf_tensors(QWEN3, cfg)["model.layers.0.self_attn.q_norm.weight"] == (32,)
-    assert expected_hf_tensors(QWEN3, cfg)["model.layers.0.self_attn.q_proj.weight"] == (cfg.num_attention_heads * 32, 64)
+    qwen3 = expected_hf_tensors(QWEN3, cfg)
+    assert qwen3["model.layers.0.self_attn.q_norm.weight"] == (32,)
+    assert qwen3["model.layers.0.self_attn.q_proj.weight"] == (cfg.num_attention_heads * 32, 64)
 
 
 def test_whole_table_round_trips_with_local_or_te_names():
