@@ -422,3 +422,9 @@ def test_trainer_logprobs_equal_transformers(hf_models, tmp_path_factory, tokens
         ref = torch.log_softmax(logits.double(), -1).gather(-1, ids[1:, None])[:, 0]
         assert mine.shape == ref.shape
         torch.testing.assert_close(mine, ref, rtol=0, atol=TOL)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama3"])
+def test_verify_parity_cli_new_families(hf_models, tmp_path_factory, tokens, family):
+    ckpt, _ = _converted_ckpt(hf_models, tmp_path_factory, tokens, family, "tp2")
+    assert run_distributed(_verify, 1, args=(str(hf_models[family]), str(ckpt), ["--max-abs-diff", "1e-4"]))[0] == 0

@@ -306,3 +306,31 @@ def test_resume_refuses_changed_settings_and_applies_harmless_ones(data, tmp_pat
     fine = _cfg(data, tmp_path / "run", train__max_steps=3, logging__log_interval=2)
     losses, out = run_distributed(_train, 1, args=(fine,), timeout=240)[0]
     assert out["start_step"] == 2 and out["last_step"] == 3
+
+
+# The new families' recipes (examples/configs/models/*.yaml) with sizes shrunk and structure kept.
+NEW_FAMILIES = {
+    "qwen3": dict(TINY_MODEL, family="qwen3", kv_channels=32, add_qkv_bias=False, qk_layernorm=True,
+                  rope_theta=1e6, tie_word_embeddings=True),
+    "llama3": dict(TINY_MODEL, family="llama", add_qkv_bias=False, rope_theta=5e5, rope_type="llama3",
+                   rope_scaling_factor=32.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_max_position_embeddings=8192, norm_eps=1e-5, tie_word_embeddings=True),
+}
+
+
+@pytest.mark.parametrize("family,loss", [("qwen3", "sft"), ("llama3", "redi")])
+def test_new_family_recipe_trains_at_tp2(data, tmp_path, family, loss):
+    """SFT (Qwen3) and REDI (Llama 3.2) through the trainer at TP2; the checkpoint records the family."""
+    import yaml
+
+    cfg = _cfg(data, tmp_path / family, loss=loss, parallel__tp=2, train__max_steps=6)
+    cfg.model = type(cfg.model)(**NEW_FAMILIES[family])
+    results = run_distributed(_train, 2, tp=2, args=(cfg,), timeout=240)
+    losses, out = results[0]
+    assert len(losses) == 6 and all(math.isfinite(x) for x in losses)
+    if loss == "sft":
+        assert losses[-1] < losses[0] - 0.3, losses
+    saved = yaml.safe_load(open(os.path.join(out["last_checkpoint"], "config.yaml")))
+    model = saved.get("model", saved)
+    for key, value in NEW_FAMILIES[family].items():
+        assert model[key] == value, key
