@@ -47,6 +47,7 @@ def test_three_engines_agree(tmp_path, family):
     proc = run_module("redi_megatron.convert.verify_parity",
                       ["--megatron", str(ckpt), "--vllm", "--greedy-tokens", "8", "--max-logprob-diff", "1e-4"],
                       timeout=600, check=False)
+    print(proc.stdout)
     diffs = {m[0]: float(m[1]) for m in re.findall(r"^(\w+ vs \w+)\s+(\S+)\s+(\S+)$", proc.stdout, flags=re.M)}
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     assert set(diffs) == {"megatron vs hf", "megatron vs vllm", "hf vs vllm"}
