@@ -106,3 +106,13 @@ def test_template_names_are_stable_and_unknown_is_refused():
     assert all(cfg.name == name for name, cfg in TEMPLATES.items())
     with pytest.raises(UserError, match="unknown chat template 'gemma'"):
         get_template("gemma")
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama3", "r1-distill"])
+def test_eval_prompt_ends_where_training_completion_begins(name):
+    from redi_megatron.eval.prompts import PromptConfig, render
+
+    cfg = get_template(name)
+    ev = render(PROBLEM, PromptConfig(chat_template=name))
+    train = render_prompt(PROBLEM, cfg) + render_completion(GENERATION, cfg)
+    assert train.startswith(ev) and ev == render_prompt(PROBLEM, cfg)
