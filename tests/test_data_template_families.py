@@ -116,3 +116,31 @@ def test_eval_prompt_ends_where_training_completion_begins(name):
     ev = render(PROBLEM, PromptConfig(chat_template=name))
     train = render_prompt(PROBLEM, cfg) + render_completion(GENERATION, cfg)
     assert train.startswith(ev) and ev == render_prompt(PROBLEM, cfg)
+
+
+def test_redi_eval_cli_takes_the_chat_template(tmp_path):
+    from redi_megatron.eval.cli import build_parser, config_from_args
+    from redi_megatron.eval.prompts import render
+
+    args = build_parser().parse_args(["--model", str(tmp_path), "--out", str(tmp_path / "o"), "--chat-template",
+                                      "r1-distill"])
+    cfg = config_from_args(args)
+    assert cfg.chat_template == "r1-distill"
+    assert render(PROBLEM, cfg.prompt_config()) == render_prompt(PROBLEM, get_template("r1-distill"))
+
+
+def test_eval_resume_of_a_run_from_before_named_templates(tmp_path):
+    from redi_megatron.eval.config import EvalConfig
+    from redi_megatron.eval.runner import RUN_CONFIG_FILE, check_run_config
+
+    cfg = EvalConfig(model=str(tmp_path), out=str(tmp_path / "o"))
+    os.makedirs(cfg.out)
+    stored = check_run_config(cfg)
+    stored.pop("chat_template")  # what a run_config.json written before this field looks like
+    with open(os.path.join(cfg.out, RUN_CONFIG_FILE), "w") as f:
+        json.dump(stored, f)
+    check_run_config(cfg)  # the default template: same protocol
+    with open(os.path.join(cfg.out, RUN_CONFIG_FILE), "w") as f:
+        json.dump(stored, f)
+    with pytest.raises(UserError, match="chat_template: 'qwen2.5-math' -> 'qwen3'"):
+        check_run_config(EvalConfig(model=str(tmp_path), out=cfg.out, chat_template="qwen3"))
