@@ -18,6 +18,9 @@ class DataConfig:
     max_completion_tokens: int = 19000
     seed: int = 42                       # data order (shuffling, packing)
     num_proc: int = 1                    # tokenization worker processes
+    # the student family's chat template (data/templates.py TEMPLATES; a test keeps the two lists equal);
+    # must equal the one the data was curated with (curation_report.json), else the run is refused
+    chat_template: Literal["qwen2.5-math", "qwen3", "llama3", "r1-distill"] = "qwen2.5-math"
 
 
 @dataclass

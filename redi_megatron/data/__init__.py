@@ -16,6 +16,7 @@ _EXPORTS = {
     "TemplateConfig": "templates", "QWEN_MATH_SYSTEM_PROMPT": "templates", "render_prompt": "templates",
     "render_eval_prompt": "templates", "render_completion": "templates", "encode_prompt": "templates",
     "encode_completion": "templates", "load_tokenizer": "templates", "qwen_tokenizer_dir": "templates",
+    "TEMPLATES": "templates", "get_template": "templates", "check_data_template": "template_record",
     "CurationConfig": "curate", "curate": "curate",
 }
 __all__ = sorted(_EXPORTS)

@@ -32,7 +32,14 @@ from .curate_report import Report, write_outputs
 from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, WorkerSpec, init_worker, process_chunk
 from .openr1 import SCHEMAS, RowRules, detect_schema, resolve_rule
 from .readers import file_columns, list_input_files, plan_chunks
-from .templates import QWEN_MATH_SYSTEM_PROMPT, TemplateConfig, check_tokenizer, load_tokenizer
+from .templates import (
+    DEFAULT_TEMPLATE,
+    QWEN_MATH_SYSTEM_PROMPT,
+    TemplateConfig,
+    check_tokenizer,
+    get_template,
+    load_tokenizer,
+)
 
 OUTPUTS = ("positives", "pairs")
 LENGTH_FILTER_SCOPES = ("pairs", "both", "none")
@@ -66,9 +73,11 @@ class CurationConfig:
     rows_per_chunk: int = 512
     overwrite: bool = False
     progress: bool = True
+    chat_template: str = DEFAULT_TEMPLATE  # a name in data.templates.TEMPLATES; recorded in curation_report.json
 
     def validate(self) -> None:
         """ValueError naming the offending field."""
+        get_template(self.chat_template)
         if self.schema != "auto" and self.schema not in SCHEMAS:
             raise UserError(f"schema: {self.schema!r} not in {('auto',) + SCHEMAS}")
         if self.length_filter not in LENGTH_FILTER_SCOPES:
@@ -87,7 +96,11 @@ class CurationConfig:
             raise UserError("num_proc and rows_per_chunk must be >= 1")
 
     def template(self) -> TemplateConfig:
-        return TemplateConfig(system_prompt=self.system_prompt, eos_token=self.eos_token)
+        """The named template; system_prompt / eos_token override only the default (Qwen2.5-Math) one."""
+        base = get_template(self.chat_template)
+        if base.name != DEFAULT_TEMPLATE:
+            return base
+        return dataclasses.replace(base, system_prompt=self.system_prompt, eos_token=self.eos_token)
 
 
 def _detect_schema(files: Sequence[str], requested: str) -> str:
@@ -147,7 +160,7 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     )
     # Everything is checked before anything is written; the old output stays until the new one is whole.
     check_output(cfg.output, [cfg.input, cfg.tokenizer or None], overwrite=cfg.overwrite, flag="--output")
-    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, cfg.template())
     check_tokenizer(tok, cfg.template(), where=str(cfg.tokenizer))
     chunks = plan_chunks(files, cfg.rows_per_chunk)
     n = sum(c.num_rows for c in chunks)
@@ -165,6 +178,7 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
         write_outputs(dataclasses.replace(cfg, output=str(stage)), report, scratch)
         shutil.rmtree(scratch)
         result = report.to_dict()
+        result["chat_template"] = cfg.template().name  # training checks it (data/template_record.py)
         with open(os.path.join(stage, "curation_report.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
         publish(stage, cfg.output)
@@ -222,6 +236,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--length-measure", default=LENGTH_EXACT, choices=(LENGTH_EXACT, LENGTH_AUTHORS))
     p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS)
     p.add_argument("--format", dest="output_format", default="hf", choices=("hf", "jsonl"))
+    p.add_argument("--chat-template", default=DEFAULT_TEMPLATE, help="template name (docs/data.md)")
     p.add_argument("--system-prompt", default=QWEN_MATH_SYSTEM_PROMPT)
     p.add_argument("--eos-token", default="<|endoftext|>", help="'tokenizer' = the tokenizer's own eos_token")
     p.add_argument("--strict", action="store_true", help="the first bad row is an error")
@@ -246,6 +261,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> CurationConfig:
         output_format=a.output_format, system_prompt=a.system_prompt or None,
         eos_token=None if a.eos_token == "tokenizer" else a.eos_token, strict=a.strict,
         num_proc=a.num_proc, rows_per_chunk=a.rows_per_chunk, overwrite=a.overwrite, progress=a.progress,
+        chat_template=a.chat_template,
     )
 
 

@@ -35,31 +35,96 @@ ENDOFTEXT = "<|endoftext|>"
 CONTROL_TOKENS = (IM_START, IM_END, ENDOFTEXT)
 
 
+LLAMA3_SYSTEM_HEADER = (
+    "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n{system}<|eot_id|>"
+)
+R1_BOS = "<\uff5cbegin\u2581of\u2581sentence\uff5c>"
+R1_EOS = "<\uff5cend\u2581of\u2581sentence\uff5c>"
+R1_USER = "<\uff5cUser\uff5c>"
+R1_ASSISTANT = "<\uff5cAssistant\uff5c>"
+THINK_OPEN = "<think>\n"
+
+
 @dataclass(frozen=True)
 class TemplateConfig:
-    """How prompts and completions are rendered.
+    """How prompts and completions are rendered (defaults: the Qwen2.5-Math template of the paper).
 
     Attributes:
-        system_prompt: system message; ``None`` renders no system turn at all.
+        name: stable name of the template (recorded in curated data, keys the tokenized cache).
+        system_prompt: system message; ``None`` renders no system turn (unless ``system_always``).
         generation_prompt: opens the assistant turn for training.
-        eval_generation_prompt: opens the assistant turn for evaluation (forces thinking).
-        end_of_turn: appended to every completion (end-of-turn token plus the template's newline).
-        eos_token: appended (as one token id) after ``end_of_turn``. ``None`` = the tokenizer's
-            own ``eos_token``. The default is the EOS of the Qwen2.5-Math base models the paper trains.
+        eval_generation_prompt: opens the assistant turn for evaluation.
+        end_of_turn: appended to every completion (end-of-turn token plus the template's newline, if any).
+        eos_token: appended (as one token id) after ``end_of_turn`` when ``append_eos``. ``None`` = the
+            tokenizer's own ``eos_token``. The default is the EOS of the Qwen2.5-Math base models.
+        append_eos: whether an EOS id follows ``end_of_turn`` (the authors' TRL trainers append it for
+            Qwen2.5-Math; the other templates end with their own end token, which is the EOS).
+        bos: text put before the whole conversation (the chat template's ``bos_token``).
+        system_format / user_format: the system and user turns (``{system}`` / ``{problem}``).
+        system_always: render the system turn even when ``system_prompt`` is None (Llama 3 always does).
+        trim_content: strip whitespace around user and assistant text (Llama 3's ``| trim``).
+        strip_generation_prefix: removed from the start of a generation when present (R1-Distill's
+            prompt already opens ``<think>\n``, so the generation's own ``<think>\n`` is dropped).
+        control_tokens: strings that must be single tokens and may not occur in problem text.
     """
 
+    name: str = "qwen2.5-math"
     system_prompt: Optional[str] = QWEN_MATH_SYSTEM_PROMPT
     generation_prompt: str = f"{IM_START}assistant\n"
     eval_generation_prompt: str = f"{IM_START}assistant<think>\n"
     end_of_turn: str = f"{IM_END}\n"
     eos_token: Optional[str] = ENDOFTEXT
+    append_eos: bool = True
+    bos: str = ""
+    system_format: str = f"{IM_START}system\n{{system}}{IM_END}\n"
+    user_format: str = f"{IM_START}user\n{{problem}}{IM_END}\n"
+    system_always: bool = False
+    trim_content: bool = False
+    strip_generation_prefix: str = ""
+    control_tokens: tuple[str, ...] = (IM_START, IM_END)
+
+
+# One entry per model family; the names are stable (curated data and caches record them).
+TEMPLATES: dict[str, TemplateConfig] = {
+    "qwen2.5-math": TemplateConfig(),
+    # Qwen3 (thinking): no default system turn; the assistant turn holds <think>\n...\n</think>\n\n{answer}
+    # and evaluation opens the turn exactly like training (the model writes <think> itself).
+    "qwen3": TemplateConfig(
+        name="qwen3", system_prompt=None, eval_generation_prompt=f"{IM_START}assistant\n", append_eos=False),
+    # Llama 3.1/3.2 Instruct: the template always emits a system header with its fixed date lines.
+    "llama3": TemplateConfig(
+        name="llama3", system_prompt=None, bos="<|begin_of_text|>", system_format=LLAMA3_SYSTEM_HEADER,
+        system_always=True, trim_content=True,
+        user_format="<|start_header_id|>user<|end_header_id|>\n\n{problem}<|eot_id|>",
+        generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eval_generation_prompt="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        end_of_turn="<|eot_id|>", eos_token="<|eot_id|>", append_eos=False,
+        control_tokens=("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")),
+    # DeepSeek-R1-Distill (Qwen and Llama): generation starts inside <think>\n, in training and evaluation.
+    "r1-distill": TemplateConfig(
+        name="r1-distill", system_prompt=None, bos=R1_BOS, system_format="{system}", user_format=R1_USER + "{problem}",
+        generation_prompt=R1_ASSISTANT + THINK_OPEN, eval_generation_prompt=R1_ASSISTANT + THINK_OPEN,
+        end_of_turn=R1_EOS, eos_token=R1_EOS, append_eos=False, strip_generation_prefix=THINK_OPEN,
+        control_tokens=(R1_USER, R1_ASSISTANT, R1_EOS)),
+}
+DEFAULT_TEMPLATE = "qwen2.5-math"
+
+
+def get_template(name: str) -> TemplateConfig:
+    """The template called ``name``; UserError naming the choices otherwise."""
+    if name not in TEMPLATES:
+        raise UserError(f"unknown chat template {name!r}; choose one of {sorted(TEMPLATES)}")
+    return TEMPLATES[name]
 
 
 def _conversation_prefix(problem: str, cfg: TemplateConfig) -> str:
     system = ""
-    if cfg.system_prompt is not None:
-        system = f"{IM_START}system\n{cfg.system_prompt}{IM_END}\n"
-    return f"{system}{IM_START}user\n{problem}{IM_END}\n"
+    if cfg.system_prompt is not None or cfg.system_always:
+        text = cfg.system_prompt or ""
+        system = cfg.system_format.replace("{system}", text.strip() if cfg.trim_content else text)
+    user = problem.strip() if cfg.trim_content else problem
+    return cfg.bos + system + cfg.user_format.replace("{problem}", user)
 
 
 def render_prompt(problem: str, cfg: TemplateConfig = TemplateConfig()) -> str:
@@ -68,18 +133,22 @@ def render_prompt(problem: str, cfg: TemplateConfig = TemplateConfig()) -> str:
 
 
 def render_eval_prompt(problem: str, cfg: TemplateConfig = TemplateConfig()) -> str:
-    """Evaluation prompt that forces thinking: ``...<|im_start|>assistant<think>\\n``."""
+    """Evaluation prompt (Qwen2.5-Math: ``...<|im_start|>assistant<think>\\n``; others equal training's)."""
     return _conversation_prefix(problem, cfg) + cfg.eval_generation_prompt
 
 
 def render_completion(generation: str, cfg: TemplateConfig = TemplateConfig()) -> str:
-    """Completion text without EOS (the EOS is appended as a token id by :func:`encode_completion`)."""
+    """Completion text, with the template's end tokens (an appended EOS id is added by :func:`encode_completion`)."""
+    if cfg.strip_generation_prefix and generation.startswith(cfg.strip_generation_prefix):
+        generation = generation[len(cfg.strip_generation_prefix):]
+    if cfg.trim_content:
+        generation = generation.strip()
     return generation + cfg.end_of_turn
 
 
 def find_control_token(text: str) -> Optional[str]:
     """The first chat control token string found in ``text``, or None."""
-    for tok in CONTROL_TOKENS:
+    for tok in CONTROL_TOKENS + tuple(t for c in TEMPLATES.values() for t in c.control_tokens + (c.bos,) if t):
         if tok in text:
             return tok
     return None
@@ -100,7 +169,7 @@ def qwen_tokenizer_dir() -> str:
     return path
 
 
-def load_tokenizer(path: str) -> Any:
+def load_tokenizer(path: str, cfg: Optional[TemplateConfig] = None) -> Any:
     """Load a fast HF tokenizer from a local directory and check the Qwen chat special tokens.
 
     Returns a ``PreTrainedTokenizerFast``. ValueError when the directory lacks a tokenizer or the
@@ -113,7 +182,7 @@ def load_tokenizer(path: str) -> Any:
     tok = AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "is_fast", False):
         raise UserError(f"tokenizer in {path} is not a fast tokenizer (tokenizer.json needed)")
-    check_tokenizer(tok, TemplateConfig(), where=path)
+    check_tokenizer(tok, cfg or TemplateConfig(), where=path)
     return tok
 
 
@@ -136,9 +205,10 @@ def eos_token_id(tokenizer: Any, cfg: TemplateConfig) -> int:
 
 def check_tokenizer(tokenizer: Any, cfg: TemplateConfig, where: str = "tokenizer") -> None:
     """ValueError unless the chat control tokens and the EOS are single tokens."""
-    for token in (IM_START, IM_END):
+    for token in cfg.control_tokens:
         special_token_id(tokenizer, token, where=where)
-    eos_token_id(tokenizer, cfg)
+    if cfg.append_eos:
+        eos_token_id(tokenizer, cfg)
 
 
 def _encode(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -154,8 +224,8 @@ def encode_completions(
     tokenizer: Any, generations: Sequence[str], cfg: TemplateConfig = TemplateConfig()
 ) -> list[list[int]]:
     """Token ids of ``generation + end_of_turn`` followed by the EOS id, one list per generation."""
-    eos = eos_token_id(tokenizer, cfg)
-    return [ids + [eos] for ids in _encode(tokenizer, [render_completion(g, cfg) for g in generations])]
+    eos = [eos_token_id(tokenizer, cfg)] if cfg.append_eos else []
+    return [ids + eos for ids in _encode(tokenizer, [render_completion(g, cfg) for g in generations])]
 
 
 def encode_prompt(tokenizer: Any, problem: str, cfg: TemplateConfig = TemplateConfig()) -> list[int]:

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Optional
 
+from redi_megatron.data.templates import TEMPLATES as CHAT_TEMPLATES
 from redi_megatron.errors import UserError
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS
 from redi_megatron.eval.config import BACKENDS, DTYPES, EvalConfig
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "problem efficiently and clearly ...'")
     g.add_argument("--chat-format", choices=CHAT_FORMATS, default=_DEFAULTS["chat_format"],
                    help="qwen: render the Qwen chat format (as in training); tokenizer: the model's chat template")
+    g.add_argument("--chat-template", choices=sorted(CHAT_TEMPLATES), default=_DEFAULTS["chat_template"],
+                   help="with --chat-format qwen: the student family's training template (docs/data.md)")
     g.add_argument("--system-prompt", default=None, help="override the system prompt ('' for none)")
     g.add_argument("--no-force-think", dest="force_think", action="store_false",
                    help="do not start the assistant turn with <think>\\n")

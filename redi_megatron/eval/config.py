@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
+from redi_megatron.data.templates import DEFAULT_TEMPLATE
 from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import SamplingConfig
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS
@@ -15,8 +16,8 @@ BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 # Fields that define what a sample *is*: a resumed run must use the same values.
-PROTOCOL_FIELDS = ("model", "template", "chat_format", "system_prompt", "force_think", "temperature", "top_p",
-                   "top_k", "max_new_tokens", "seed")
+PROTOCOL_FIELDS = ("model", "template", "chat_format", "chat_template", "system_prompt", "force_think",
+                   "temperature", "top_p", "top_k", "max_new_tokens", "seed")
 
 
 @dataclass
@@ -28,7 +29,7 @@ class EvalConfig:
         benchmarks: names from :mod:`redi_megatron.eval.benchmarks` or ``.jsonl`` paths.
         limit: evaluate only the first ``limit`` problems of each benchmark (smoke tests).
         n: samples per problem. temperature, top_p, top_k (<= 0 = off), max_new_tokens, seed: sampling.
-        template / chat_format / system_prompt / force_think: see :mod:`redi_megatron.eval.prompts`.
+        template / chat_format / chat_template / system_prompt / force_think: see :mod:`redi_megatron.eval.prompts`.
         grader: "rllm" (the paper's numbers) or "math_verify". require_think: no ``</think>`` = wrong.
         grade_workers: grading processes (None = all CPUs). grade_timeout: seconds per answer.
         backend: "vllm", "hf", or "auto" (vLLM when importable and a GPU is visible).
@@ -55,6 +56,7 @@ class EvalConfig:
     seed: int = 0
     template: str = "paper"
     chat_format: str = "qwen"
+    chat_template: str = DEFAULT_TEMPLATE
     system_prompt: Optional[str] = None
     force_think: bool = True
     grader: str = "rllm"
@@ -102,7 +104,8 @@ class EvalConfig:
 
     def prompt_config(self) -> PromptConfig:
         return PromptConfig(template=self.template, chat_format=self.chat_format,
-                            system_prompt=self.system_prompt, force_think=self.force_think)
+                            system_prompt=self.system_prompt, force_think=self.force_think,
+                            chat_template=self.chat_template)
 
     def sampling_config(self) -> SamplingConfig:
         return SamplingConfig(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k,

@@ -21,13 +21,14 @@ Two ways to turn a template into text (``--chat-format``):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from redi_megatron.data.templates import (
+    DEFAULT_TEMPLATE,
     QWEN_MATH_SYSTEM_PROMPT,
-    TemplateConfig,
     find_control_token,
+    get_template,
     render_eval_prompt,
     render_prompt,
 )
@@ -56,8 +57,10 @@ class PromptConfig:
     chat_format: str = "qwen"
     system_prompt: Optional[str] = None
     force_think: bool = True
+    chat_template: str = DEFAULT_TEMPLATE
 
     def __post_init__(self) -> None:
+        get_template(self.chat_template)  # UserError naming the choices
         if self.template not in TEMPLATES:
             raise UserError(f"unknown prompt template {self.template!r}; choose one of {TEMPLATES}")
         if self.chat_format not in CHAT_FORMATS:
@@ -87,7 +90,10 @@ def render(problem: str, cfg: PromptConfig, tokenizer: Any = None) -> str:
     if control is not None:
         raise UserError(f"problem text contains the chat control token {control!r}: {problem[:80]!r}")
     if cfg.chat_format == "qwen":
-        tcfg = TemplateConfig(system_prompt=_system(cfg))
+        # the training template of the family: the generation prompt ends where training's completion begins
+        tcfg = get_template(cfg.chat_template)
+        if tcfg.name == DEFAULT_TEMPLATE or cfg.system_prompt is not None:
+            tcfg = replace(tcfg, system_prompt=_system(cfg))
         return render_eval_prompt(user, tcfg) if cfg.force_think else render_prompt(user, tcfg)
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise UserError("chat_format='tokenizer' needs a tokenizer with a chat template; use chat_format='qwen'")

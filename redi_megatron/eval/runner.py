@@ -24,6 +24,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
+from redi_megatron.data.templates import DEFAULT_TEMPLATE
 from redi_megatron.errors import UserError
 from redi_megatron.eval.backends import Completion, HFBackend, Request, VLLMBackend, sample_seed, vllm_available
 from redi_megatron.eval.benchmarks import Problem, load_benchmarks
@@ -69,6 +70,7 @@ def check_run_config(cfg: EvalConfig) -> dict:
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             stored = json.load(f)
+        stored.setdefault("chat_template", DEFAULT_TEMPLATE)  # runs before templates had names used the default
         changed = {k: (stored.get(k), current[k]) for k in PROTOCOL_FIELDS if stored.get(k) != current[k]}
         if changed:
             details = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

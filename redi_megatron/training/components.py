@@ -4,11 +4,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.data.template_record import check_data_template
+from redi_megatron.data.templates import get_template
 from redi_megatron.errors import UserError
 from redi_megatron.losses.registry import LossSpec, get_loss
 from redi_megatron.models.config import ModelConfig
@@ -90,6 +93,7 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
         raise UserError("data.train_path is required")
     if not os.path.exists(cfg.data.train_path):
         raise UserError(f"data.train_path: {cfg.data.train_path!r} does not exist")
+    check_data_template(cfg.data.train_path, cfg.data.chat_template)
     spec = get_loss(cfg.loss.name)
     hparams = spec.make_hparams(cfg.loss.params)
     model_cfg = resolve_model_config(cfg)
@@ -117,8 +121,9 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
     )
     from redi_megatron.parallel.collectives import barrier, is_global_rank_zero
 
-    tokenizer = load_tokenizer(tokenizer_dir)
-    build = build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset
+    template = get_template(cfg.data.chat_template)
+    tokenizer = load_tokenizer(tokenizer_dir, template)
+    build = partial(build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset, template=template)
     # Rank 0 tokenizes and fills the on-disk cache; the other ranks then read it instead of all
     # tokenizing the same data at once.
     # The tokenized cache lives in the run directory (removed with the run), unless $REDI_DATA_CACHE
