@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,9 @@ STEPS = 10
 
 
 def _cmd(data, save_dir, nproc=2, extra=()):
-    port = str(29500 + (os.getpid() + hash(str(save_dir))) % 2000)
+    with socket.socket() as s:  # a free port per launch: two runs may overlap (the lock test)
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", port,
             "-m", "redi_megatron.training.cli", "--config", str(ROOT / "examples/configs/tiny_cpu_sft.yaml"),
             f"data.train_path={data['positives']}", f"data.tokenizer={data['tokenizer']}",
@@ -111,17 +114,20 @@ def test_signal_saves_that_step_and_resume_matches_uninterrupted(tiny_train_data
 
 def test_second_run_on_the_same_dir_is_refused_and_a_killed_holder_leaves_no_lock(tiny_train_data, tmp_path):
     save = tmp_path / "run"
-    first = _start(tiny_train_data, save, nproc=1)
+    first = _start(tiny_train_data, save, nproc=1, extra=("train.max_steps=100000",))  # still running
     try:
         _wait_step(first, save, 1)
         second = subprocess.run(_cmd(tiny_train_data, save), cwd=ROOT, env=_env(), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0
         assert "is in use by another process (host" in second.stdout + second.stderr
-        assert f"pid {_worker(first.pid, 0)}" in second.stdout + second.stderr
+        holder = _worker(first.pid, 0)
+        assert f"pid {holder}" in second.stdout + second.stderr
+        os.kill(holder, signal.SIGKILL)  # a crash of the lock holder: kill -9, no chance to clean up
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # a crash: kill -9 of the agent and the worker
+        os.killpg(first.pid, signal.SIGKILL)  # the agent (its workers run in their own sessions)
         first.communicate()
+    assert not (save / "checkpoints").exists() or not _checkpoints(save)
     steps_before = _losses(save)
     assert len(steps_before) == len(set(steps_before))
     again = subprocess.run(_cmd(tiny_train_data, save, nproc=1), cwd=ROOT, env=_env(), capture_output=True,
