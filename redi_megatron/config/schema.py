@@ -61,6 +61,9 @@ class TrainConfig:
     fused_logprobs: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
     max_skipped_steps: int = 5
+    # Signals that stop the run cleanly (training/preemption.py): finish the step, save it, write
+    # save_dir/preempted.json, exit 75. SIGUSR1 is the early warning of `#SBATCH --signal=B:USR1@120`.
+    preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
 
 
 @dataclass

@@ -37,6 +37,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     finally:
         _teardown()
+    if summary.get("preempted") is not None:
+        from redi_megatron.training.preemption import EXIT_PREEMPTED
+
+        print(f"redi-train: preempted: saved step {summary['preempted']} ({summary['last_checkpoint']}); "
+              f"exit {EXIT_PREEMPTED}, run again (or requeue) to resume", file=sys.stderr)
+        return EXIT_PREEMPTED
     if summary["nonfinite"]:
         print(f"redi-train: stopped: {summary['nonfinite']}", file=sys.stderr)
         return 4

@@ -5,6 +5,7 @@ spec whether it needs pairs or offline reference log-probs.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Optional
 
@@ -41,14 +42,34 @@ def _init_groups(cfg: RunConfig):
     return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
 
 
-def setup(cfg: RunConfig) -> tuple[Components, Optional[dict]]:
-    """Everything for the run, restored from the newest checkpoint in ``save_dir`` when resuming."""
+def _lock_run_dir(save_dir: str, stack: contextlib.ExitStack) -> None:
+    """Rank 0 holds the run directory's lock for the whole run; every rank is refused (one line, exit 2)
+    when another run (or a requeued job overlapping the old one) holds it. flock: a crash frees it."""
+    from redi_megatron.locks import exclusive, lock_path_for
+    from redi_megatron.parallel.collectives import broadcast_object, is_global_rank_zero
+
+    refused = None
+    if is_global_rank_zero():
+        try:
+            stack.enter_context(exclusive(lock_path_for(os.path.abspath(save_dir)), f"run directory {save_dir}"))
+        except UserError as err:
+            refused = str(err)
+    refused = broadcast_object(refused)
+    if refused:
+        raise UserError(refused)
+
+
+def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple[Components, Optional[dict]]:
+    """Everything for the run, restored from the newest checkpoint in ``save_dir`` when resuming.
+    ``stack``: holds the run directory's lock (taken before anything in ``save_dir`` is read)."""
     from redi_megatron.models.checkpoint import load_model_checkpoint
     from redi_megatron.parallel.collectives import world_size
 
     model_cfg, spec, hparams = validate(cfg, world_size())
     tokenizer_dir = resolve_tokenizer_dir(cfg)
     grps = _init_groups(cfg)
+    if stack is not None:
+        _lock_run_dir(cfg.checkpoint.save_dir, stack)
     ckpt.ensure_run_dir(cfg.checkpoint.save_dir)
     dataset, sampler = build_data(cfg, spec, tokenizer_dir, grps)
     steps = total_steps(cfg, sampler.steps_per_epoch)
@@ -107,14 +128,26 @@ def _attach_reference(c: Components) -> None:
 
 def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
     """Run (or resume) the configured job. ``stop_after`` ends it early after that step's checkpoint,
-    as if the job had been killed there (used by the resume tests). Returns a summary."""
+    as if the job had been killed there (used by the resume tests). Returns a summary; ``preempted``
+    is the step saved after a stop signal (training/preemption.py), else None."""
+    from redi_megatron.training.preemption import Preemption
+
+    preempt = Preemption(cfg.train.preempt_signals)
+    with contextlib.ExitStack() as stack:
+        preempt.install()
+        stack.callback(preempt.restore)
+        return _train(cfg, stop_after, stack, preempt)
+
+
+def _train(cfg: RunConfig, stop_after: Optional[int], stack: contextlib.ExitStack, preempt) -> dict[str, Any]:
     from redi_megatron.config.loader import save_resolved, to_dict
-    from redi_megatron.parallel.collectives import is_global_rank_zero
+    from redi_megatron.parallel.collectives import any_over_world, is_global_rank_zero
     from redi_megatron.training.collapse import CollapseMonitor
     from redi_megatron.training.logging import MetricsLogger
+    from redi_megatron.training.preemption import write_marker
     from redi_megatron.training.step import train_step
 
-    c, state = setup(cfg)
+    c, state = setup(cfg, stack)
     start = state["step"] if state else 0
     resolved = with_model(cfg, c.model_cfg)
     if is_global_rank_zero():
@@ -126,10 +159,26 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
     monitor = CollapseMonitor(cfg.logging.collapse)
     if state and state.get("collapse_monitor"):
         monitor.load_state_dict(state["collapse_monitor"])
-    history, saved_at, stopped, nonfinite = [], None, None, None
+    history, saved_at, stopped, nonfinite, preempted = [], None, None, None, None
     skipped_in_a_row = 0
     try:
         for step in range(start + 1, c.total_steps + 1):
+            # Checked between steps, so the step in flight when the signal came is finished and saved;
+            # every rank stops at the same step even if only one got the signal.
+            if any_over_world(preempt.requested()):
+                preempt.ignore()  # a second signal must not interrupt the save
+                done = step - 1
+                if saved_at != done and done > start:
+                    ckpt.save_training_checkpoint(c, done, c.sampler.state_dict(), resolved_dict,
+                                                  monitor.state_dict())
+                    saved_at = done
+                last = ckpt.latest_checkpoint(cfg.checkpoint.save_dir)
+                if is_global_rank_zero():
+                    write_marker(cfg.checkpoint.save_dir, done, preempt.received, str(last))
+                logger.message(f"preempted ({preempt.received or 'signal on another rank'}): saved step "
+                               f"{done}, exiting 75 for a requeue")
+                preempted = done
+                break
             metrics = train_step(c, c.sampler.next_step())
             history.append(metrics)
             # The step's own time, so checkpoint saves and the reference pass do not count as training.
@@ -163,6 +212,7 @@ def train(cfg: RunConfig, stop_after: Optional[int] = None) -> dict[str, Any]:
         ckpt.step_dir(cfg.checkpoint.save_dir, saved_at)
     return {"start_step": start, "last_step": start + len(history), "total_steps": c.total_steps,
             "history": history, "last_checkpoint": None if last is None else str(last), "stopped": stopped,
+            "preempted": preempted,
             "nonfinite": nonfinite if cfg.train.on_nonfinite == "stop" or
             skipped_in_a_row >= cfg.train.max_skipped_steps else None}
 
