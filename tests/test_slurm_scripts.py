@@ -1,0 +1,93 @@
+"""examples/slurm as a user runs them: settings and headers checked without a cluster (DRY_RUN, the scripts'
+own functions), then the scripts submitted for real on the CI cluster (marked `slurm`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_helpers import REPO, job_info, require_cluster, submit, wait_jobs
+
+SLURM = REPO / "examples" / "slurm"
+
+
+def _bash(script: str, env: dict[str, str], cwd: str | Path) -> subprocess.CompletedProcess:
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(["bash", "-c", script], env=full, cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def _dry_pipeline(env: dict[str, str]) -> list[str]:
+    r = _bash(f"bash {SLURM}/pipeline.sh", {"DRY_RUN": "1", "HF_BASE": "/m", "EVAL_IMAGE": "/e.sqsh", **env}, REPO)
+    assert r.returncode == 0, r.stderr
+    return [ln.replace("\\ ", " ") for ln in r.stderr.splitlines() if ln.startswith("sbatch")]
+
+
+def test_rope_override_can_be_switched_off():
+    assert "--override rope_theta=300000" in _dry_pipeline({})[0]
+    assert "--override" not in _dry_pipeline({"ROPE_OVERRIDE": ""})[0]
+    assert "--override rope_theta=1" in _dry_pipeline({"ROPE_OVERRIDE": "rope_theta=1"})[0]
+
+
+def test_training_stages_take_extra_overrides():
+    cmds = _dry_pipeline({"SFT_OVERRIDES": "optimizer.lr=2e-6 train.max_steps=3", "REDI_OVERRIDES": "loss.alpha=1"})
+    assert cmds[1].endswith("optimizer.lr=2e-6 train.max_steps=3") and cmds[2].endswith("loss.alpha=1")
+
+
+def _headers(name: str) -> dict[str, str]:
+    text = (SLURM / name).read_text()
+    return dict(m.groups() for m in re.finditer(r"^#SBATCH --([\w-]+)(?:=(\S+))?", text, re.M))
+
+
+def test_logs_open_before_the_script_runs_requeue_and_signal():
+    for name in ("train.sbatch", "run.sbatch"):
+        h = _headers(name)
+        assert "/" not in h["output"], f"{name}: --output in a directory Slurm may not find: {h['output']}"
+        assert h["open-mode"] == "append"
+    h = _headers("train.sbatch")
+    assert "requeue" in h and h["signal"] == "B:USR1@120"
+
+
+def test_gitignore_lists_the_pipeline_outputs():
+    ignored = set((REPO / ".gitignore").read_text().split())
+    assert {"/runs/", "/checkpoints/", "/hf/", "/evals/", "slurm-*.out"} <= ignored
+
+
+def test_master_addr_is_an_address(tmp_path):
+    """The rendezvous address is the first node's IP address, not its name."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/bash\necho localhost\n")
+    (fake / "scontrol").chmod(0o755)
+    r = _bash(f"source {SLURM}/common.sh; first_node_addr",
+              {"PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "localhost"}, tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "127.0.0.1", (r.stdout, r.stderr)
+
+
+# ----------------------------------------------------------------------------- on the CI cluster
+
+def _train_job(tmp_path: Path, data: dict, extra_env: dict[str, str], sbatch_args: list[str]) -> tuple[int, str]:
+    env = require_cluster()
+    env.update({"CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "OMP_NUM_THREADS": "1", **extra_env})
+    job = submit(SLURM / "train.sbatch", str(REPO / "examples/configs/tiny_cpu_sft.yaml"),
+                 f"data.train_path={data['positives']}", f"data.tokenizer={data['tokenizer']}",
+                 "train.max_steps=3", "train.epochs=1", f"checkpoint.save_dir={tmp_path / 'run'}",
+                 "checkpoint.save_interval=0", "logging.tensorboard=false",
+                 sbatch_args=["--time=5", *sbatch_args], env=env, cwd=tmp_path)
+    states = wait_jobs([job], timeout=180)
+    log = (tmp_path / f"slurm-redi-train-{job}.out").read_text()
+    assert states[job] == "COMPLETED", log[-3000:]
+    return job, log
+
+
+@pytest.mark.slurm
+def test_train_sbatch_two_nodes_gpus_from_allocation(tmp_path, tiny_train_data):
+    """2 nodes x 1 GPU through the pyxis flags: the log is in the submit dir, GPUS_PER_NODE follows
+    --gpus-per-node (not 8), the rendezvous is an address, no --node-rank warning."""
+    job, log = _train_job(tmp_path, tiny_train_data, {}, ["--nodes=2", "--gpus-per-node=1"])
+    assert "2 node(s) x 1 GPU(s), rendezvous 127.0.0.1:" in log, log[-3000:]
+    assert "node_rank" not in log and "node-rank" not in log
+    assert job_info(job)["ExitCode"] == "0:0"
