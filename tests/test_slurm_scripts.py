@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,13 +70,24 @@ def test_master_addr_is_an_address(tmp_path):
 
 # ----------------------------------------------------------------------------- on the CI cluster
 
+def _overrides(data: dict, run: Path) -> list[str]:
+    return [f"data.train_path={data['positives']}", f"data.tokenizer={data['tokenizer']}", "train.max_steps=3",
+            "train.epochs=1", f"checkpoint.save_dir={run}", "checkpoint.save_interval=0", "logging.tensorboard=false",
+            "data.max_prompt_tokens=200", "data.max_completion_tokens=400", "data.micro_batch_tokens=640"]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    from redi_megatron.training.logging import read_metrics
+
+    return [(r["step"], r["loss"]) for r in read_metrics(str(run))]
+
+
 def _train_job(tmp_path: Path, data: dict, extra_env: dict[str, str], sbatch_args: list[str]) -> tuple[int, str]:
     env = require_cluster()
-    env.update({"CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "OMP_NUM_THREADS": "1", **extra_env})
+    env.update({"REPO_DIR": str(REPO), "CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "OMP_NUM_THREADS": "1",
+                **extra_env})
     job = submit(SLURM / "train.sbatch", str(REPO / "examples/configs/tiny_cpu_sft.yaml"),
-                 f"data.train_path={data['positives']}", f"data.tokenizer={data['tokenizer']}",
-                 "train.max_steps=3", "train.epochs=1", f"checkpoint.save_dir={tmp_path / 'run'}",
-                 "checkpoint.save_interval=0", "logging.tensorboard=false",
+                 *_overrides(data, tmp_path / "run"),
                  sbatch_args=["--time=5", *sbatch_args], env=env, cwd=tmp_path)
     states = wait_jobs([job], timeout=180)
     log = (tmp_path / f"slurm-redi-train-{job}.out").read_text()
@@ -91,3 +103,14 @@ def test_train_sbatch_two_nodes_gpus_from_allocation(tmp_path, tiny_train_data):
     assert "2 node(s) x 1 GPU(s), rendezvous 127.0.0.1:" in log, log[-3000:]
     assert "node_rank" not in log and "node-rank" not in log
     assert job_info(job)["ExitCode"] == "0:0"
+    # the same config under a direct torchrun (2 workers on this machine): the same per-step losses
+    env = require_cluster()
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        f"--master-port={29500 + os.getpid() % 1000}", "-m", "redi_megatron.training.cli",
+                        "--config", str(REPO / "examples/configs/tiny_cpu_sft.yaml"),
+                        *_overrides(tiny_train_data, tmp_path / "direct")],
+                       env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    slurm, direct = _losses(tmp_path / "run"), _losses(tmp_path / "direct")
+    assert len(slurm) == 3 and slurm == direct
