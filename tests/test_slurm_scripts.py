@@ -114,3 +114,23 @@ def test_train_sbatch_two_nodes_gpus_from_allocation(tmp_path, tiny_train_data):
     assert r.returncode == 0, r.stderr[-3000:]
     slurm, direct = _losses(tmp_path / "run"), _losses(tmp_path / "direct")
     assert len(slurm) == 3 and slurm == direct
+
+
+@pytest.mark.slurm
+def test_pipeline_failed_stage_cancels_its_dependants(tmp_path):
+    """pipeline.sh as a user runs it, from the SFT stage with a base checkpoint that does not exist: the SFT job
+    fails and every job after it is cancelled (not left pending forever)."""
+    env = require_cluster()
+    env.update({"REPO_DIR": str(REPO), "CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "START_AT": "sft",
+                "STOP_AT": "export", "SFT_CONFIG": "examples/configs/tiny_cpu_sft.yaml",
+                "REDI_CONFIG": "examples/configs/tiny_cpu_redi.yaml", "NAME": "ci", "NODES": "2",
+                "BASE_CKPT": str(tmp_path / "no_such_checkpoint"), "SFT_RUN": str(tmp_path / "sft"),
+                "REDI_RUN": str(tmp_path / "redi"), "HF_OUT": str(tmp_path / "hf"), "SBATCH_GPUS_PER_NODE": "1"})
+    r = subprocess.run(["bash", str(SLURM / "pipeline.sh")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    squeue = subprocess.run(["scontrol", "show", "job", "-o"], env=env, capture_output=True, text=True, timeout=30)
+    ids = [int(m) for m in re.findall(r"JobId=(\d+) JobName=redi-(?:sft|redi|export-sft|export) ", squeue.stdout)]
+    ids = sorted(ids)[-4:]
+    states = wait_jobs(ids, timeout=120)
+    assert [states[j] for j in ids] == ["FAILED", "CANCELLED", "CANCELLED", "CANCELLED"], states
