@@ -134,3 +134,18 @@ def test_pipeline_failed_stage_cancels_its_dependants(tmp_path):
     ids = sorted(ids)[-4:]
     states = wait_jobs(ids, timeout=120)
     assert [states[j] for j in ids] == ["FAILED", "CANCELLED", "CANCELLED", "CANCELLED"], states
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("mode", ["pyxis", "none"])
+def test_run_sbatch_container_modes(tmp_path, mode):
+    """run.sbatch with the pyxis flags (the look-alike plugin) and without a container (CONTAINER=none): the
+    command runs in the repository with common.sh's helpers, and its log lands in the submit directory."""
+    env = require_cluster()
+    env.update({"REPO_DIR": str(REPO), "CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "CONTAINER": mode})
+    job = submit(SLURM / "run.sbatch", 'echo "pwd=$PWD image=${FAKE_PYXIS_IMAGE:-none} $(type -t latest_ckpt)"',
+                 sbatch_args=["--gpus-per-node=0"], env=env, cwd=tmp_path)
+    assert wait_jobs([job], timeout=60) == {job: "COMPLETED"}
+    log = (tmp_path / f"slurm-redi-run-{job}.out").read_text()
+    image = "redi-ci.sqsh" if mode == "pyxis" else "none"
+    assert f"pwd={REPO} image={image} function" in log, log
