@@ -129,8 +129,10 @@ def test_pipeline_submits_the_chain_with_afterok(tmp_path):
     names = [c.split("--job-name=")[1].split()[0] for c in cmds]
     assert names == ["redi-convert", "redi-sft", "redi-redi", "redi-export-sft", "redi-export", "redi-eval"]
     deps = [c.split("--dependency=")[1].split()[0] if "--dependency=" in c else None for c in cmds]
+    # the eval also waits for the SFT export (its job id was dropped before)
     assert deps == [None, r"afterok:\<convert\>", r"afterok:\<sft\>", r"afterok:\<sft\>", r"afterok:\<redi\>",
-                    r"afterok:\<export\>"]
+                    r"afterok:\<export\>:\<export-sft\>"]
+    assert all("--kill-on-invalid-dep=yes" in c for c in cmds[1:])  # a failed stage cancels its dependants
     assert "rope_theta=300000" in cmds[0] and "max_position_embeddings=32768" in cmds[0]
     assert "qwen2.5-math-1.5b_sft.yaml" in cmds[1] and "checkpoint.init_from=checkpoints/qwen2.5-math-1.5b" in cmds[1]
     assert "INIT_FROM_RUN=runs/qwen2.5-math-1.5b_sft" in cmds[2] and "qwen2.5-math-1.5b_redi.yaml" in cmds[2]
@@ -166,8 +168,9 @@ def test_torchrun_node_builds_the_launch_and_resolves_init_from_run(tmp_path):
            "INIT_FROM_RUN": str(tmp_path / "runs" / "sft")}
     r = _bash([os.path.join(SLURM, "torchrun_node.sh"), "cfg.yaml", "a=1", "b=x y"], env, str(tmp_path))
     assert r.returncode == 0, r.stderr
+    assert not any(a.startswith("--node-rank") for a in r.stdout.splitlines())  # c10d ignores it (warning)
     assert r.stdout.splitlines() == [
-        "--nnodes=4", "--nproc-per-node=8", "--node-rank=2", "--rdzv-id=77", "--rdzv-backend=c10d",
+        "--nnodes=4", "--nproc-per-node=8", "--rdzv-id=77", "--rdzv-backend=c10d",
         "--rdzv-endpoint=node0:20077", "-m", "redi_megatron.training.cli", "--config", "cfg.yaml", "a=1", "b=x y",
         f"checkpoint.init_from={ckpts / 'step_0000020'}"]  # the newest *complete* checkpoint
     env["INIT_FROM_RUN"] = str(tmp_path / "nothing")

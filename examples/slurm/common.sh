@@ -25,3 +25,45 @@ redi_runtime_env() {
     export PYTHONUNBUFFERED=1
     export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # compute nodes read local model/tokenizer directories
 }
+
+# The rendezvous address: the first node of the allocation as an IP address (a node *name* need not
+# resolve on the other nodes, or may resolve to another interface). Override with MASTER_ADDR.
+first_node_addr() {
+    local node addr
+    node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    addr=$(getent ahostsv4 "$node" 2>/dev/null | awk '{print $1; exit}')
+    if [[ -z "$addr" && "$node" == "$(hostname -s)" ]]; then
+        addr=$(hostname -I 2>/dev/null | awk '{print $1}')
+    fi
+    echo "${addr:-$node}"
+}
+
+# srun arguments that start the task in the chosen container mode (CONTAINER):
+#   pyxis      (default) pyxis/enroot: --container-image/--container-mounts/--container-workdir (NGC images)
+#   none       no container: the site's Python environment (PYTHON_ENV: a venv or conda env to activate),
+#              the task runs in REPO_DIR
+#   apptainer  apptainer exec IMAGE (a .sif); REPO_DIR bound at CONTAINER_DIR
+# Fills the arrays SRUN_CONTAINER (srun options) and TASK_PREFIX (command prefix); sets TASK_DIR (the
+# repository as the task sees it).
+container_launch() {
+    SRUN_CONTAINER=()
+    TASK_PREFIX=()
+    case "${CONTAINER:-pyxis}" in
+        pyxis)
+            TASK_DIR=$CONTAINER_DIR
+            SRUN_CONTAINER=(--container-image="$IMAGE" --container-mounts="$MOUNTS"
+                            --container-workdir="$CONTAINER_DIR" --no-container-mount-home) ;;
+        none)
+            TASK_DIR=$REPO_DIR
+            SRUN_CONTAINER=(--chdir="$REPO_DIR")
+            if [[ -n "${PYTHON_ENV:-}" ]]; then
+                TASK_PREFIX=(env "PATH=$PYTHON_ENV/bin:$PATH" "VIRTUAL_ENV=$PYTHON_ENV")
+            fi ;;
+        apptainer)
+            TASK_DIR=$CONTAINER_DIR
+            TASK_PREFIX=(apptainer exec --nv --bind "$MOUNTS" --pwd "$CONTAINER_DIR" "$IMAGE") ;;
+        *)
+            echo "CONTAINER must be pyxis, none or apptainer, got '${CONTAINER}'" >&2
+            return 2 ;;
+    esac
+}

@@ -15,10 +15,11 @@ if [[ -n "${INIT_FROM_RUN:-}" ]]; then
     extra+=("checkpoint.init_from=$(latest_ckpt "$INIT_FROM_RUN")")
 fi
 
+# No --node-rank: the c10d rendezvous assigns node ranks itself (it ignores the flag, with a warning).
+# torchrun passes TERM on to its workers (the trainer saves a checkpoint on it).
 exec torchrun \
     --nnodes="${SLURM_NNODES:-1}" \
     --nproc-per-node="${GPUS_PER_NODE:-8}" \
-    --node-rank="${SLURM_NODEID:-0}" \
     --rdzv-id="${SLURM_JOB_ID:-0}" \
     --rdzv-backend=c10d \
     --rdzv-endpoint="${MASTER_ADDR:-localhost}:${MASTER_PORT:-29500}" \

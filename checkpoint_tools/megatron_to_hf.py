@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""`redi-megatron-to-hf` from a checkout: `python checkpoint_tools/megatron_to_hf.py --help`.
+
+The logic is in redi_megatron.convert.megatron_to_hf; this only puts the checkout on sys.path."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from redi_megatron.convert.megatron_to_hf import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())
