@@ -51,3 +51,38 @@ def test_te_names_come_from_one_table():
             assert m.te_megatron.format(i=layer) == te_name(local) != local
     assert set(TE_FUSED_NORMS.values()) == {"self_attention.linear_qkv.layer_norm_weight",
                                            "mlp.linear_fc1.layer_norm_weight"}
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+@pytest.mark.parametrize("tp_sp", [1, 2])   # TP under sequence parallelism (1: no SP)
+@pytest.mark.parametrize("fp8", [False, True])
+def test_fp8_padding_gives_every_rank_a_multiple_of_16(cp, tp_sp, fp8):
+    """Pack odd-length sequences with the trainer's rule, cut the row for each CP rank exactly as the model
+    input is cut, and scatter over TP under SP: under FP8 every rank's GEMM token count is a multiple of
+    16, and CP's 2*CP chunks stay whole in any case."""
+    import numpy as np
+    import torch
+
+    from redi_megatron.config.schema import RunConfig
+    from redi_megatron.data.batch import ROLE_SFT, SequenceSpec, build_microbatch, padded_length
+    from redi_megatron.parallel.context import check_thd_boundaries, thd_partition_index
+    from redi_megatron.training.components import sequence_multiple
+
+    cfg = RunConfig()
+    cfg.parallel = replace(cfg.parallel, cp=cp, tp=max(tp_sp, 1), sequence_parallel=tp_sp > 1)
+    cfg.train.fp8 = "delayed" if fp8 else None
+    m = sequence_multiple(cfg)
+    rng = np.random.default_rng(cp * 10 + tp_sp)
+    for lengths in ([7], [5, 33, 101], [m + 1, 3 * m - 1, 17]):
+        seqs = [SequenceSpec(rng.integers(0, 50, n), 1, ROLE_SFT, i) for i, n in enumerate(lengths)]
+        T = sum(padded_length(n, m) for n in lengths)
+        mb = build_microbatch(seqs, T, pad_id=0, pad_to_multiple_of=m)
+        check_thd_boundaries(mb.cu_seqlens_padded, T, cp)
+        for r in range(cp):
+            local = thd_partition_index(mb.cu_seqlens_padded, T, cp, r).numel()
+            assert local * cp == T and local % tp_sp == 0
+            if fp8:  # the GEMMs of this rank: T/CP tokens, T/(CP*TP) before SP's all-gather
+                assert local % 16 == 0 and (local // tp_sp) % 16 == 0, (m, lengths, local)
+    assert torch.is_tensor(mb.tokens)
+    if not fp8:  # no FP8: no extra padding beyond what CP/SP need
+        assert m == (2 * cp if cp > 1 else 1) * tp_sp

@@ -1,6 +1,7 @@
 """Model and parallelism schema (dataclasses) and their translation to Megatron's TransformerConfig."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
@@ -85,9 +86,18 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise UserError("parallel.sequence_parallel needs parallel.tp > 1")
 
-    def seq_multiple(self) -> int:
-        """Every row length must be a multiple of this (CP load-balancing, SP scatter)."""
-        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+    def seq_multiple(self, fp8: bool = False) -> int:
+        """Every packed sequence (and so every row) is padded to a multiple of this.
+
+        CP cuts each sequence into ``2*CP`` equal chunks and SP scatters the row over TP: ``2*CP*TP_sp``.
+        Under FP8 every GEMM's token count must be a multiple of 16 (Transformer Engine), and a rank's
+        GEMMs see its share of the row: ``T/CP`` tokens, ``T/(CP*TP)`` before SP's all-gather. So each
+        sequence is padded to ``lcm(2*CP*TP_sp, 16*CP*TP_sp)`` (CP 2: 32, CP 4: 64), not
+        ``lcm(2*CP*TP_sp, 16)``, which leaves a CP-2 rank only a multiple of 8.
+        """
+        split = self.cp * (self.tp if self.sequence_parallel else 1)
+        base = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        return math.lcm(base, 16 * split) if fp8 else base
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: Optional["torch.dtype"] = None,

@@ -96,15 +96,14 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
     cfg.parallel.validate(world_size, model_cfg)
     if cfg.data.micro_batch_tokens % sequence_multiple(cfg):
         raise UserError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
-                         f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; 16 with FP8)")
+                         f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; with FP8 16 per rank)")
     return model_cfg, spec, hparams
 
 
 def sequence_multiple(cfg: RunConfig) -> int:
-    """Every packed sequence is padded to a multiple of this: the CP split and the SP scatter need
-    ``parallel.seq_multiple()``; FP8 GEMMs in Transformer Engine need token counts divisible by 16."""
-    multiple = cfg.parallel.seq_multiple()
-    return multiple * 16 // math.gcd(multiple, 16) if cfg.train.fp8 else multiple
+    """Every packed sequence is padded to a multiple of this (``ParallelConfig.seq_multiple``: the CP
+    split, the SP scatter, and 16 tokens per rank's GEMM under FP8)."""
+    return cfg.parallel.seq_multiple(fp8=bool(cfg.train.fp8))
 
 
 def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: ParallelGroups):
