@@ -94,6 +94,8 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
     hparams = spec.make_hparams(cfg.loss.params)
     model_cfg = resolve_model_config(cfg)
     cfg.parallel.validate(world_size, model_cfg)
+    if cfg.train.fp8:
+        cfg.train.fp8_options.validate(model_cfg.num_layers, cfg.parallel.pp)
     if cfg.data.micro_batch_tokens % sequence_multiple(cfg):
         raise UserError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
                          f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; with FP8 16 per rank)")
@@ -187,7 +189,8 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     dtype = DTYPES[cfg.train.dtype]
     use_te = torch.cuda.is_available() and have_transformer_engine()
     chunks = build_model_chunks(model_cfg, cfg.parallel, dtype=dtype, use_te=use_te,
-                                recompute=cfg.train.recompute, fp8=cfg.train.fp8)
+                                recompute=cfg.train.recompute, fp8=cfg.train.fp8,
+                                fp8_options=cfg.train.fp8_options)
     if cfg.train.fused_logprobs:
         for chunk in chunks:
             return_hidden_states(chunk)
