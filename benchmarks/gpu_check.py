@@ -89,6 +89,7 @@ def _parity_batch(loss: str):
 def _parity_run(dtype: str) -> dict:
     """Loss and full gradients of one forward/backward per loss (this process's device)."""
     from redi_megatron.data.batch import StepBatch
+    from redi_megatron.models.param_names import local_name
     from redi_megatron.parallel.loss_scaling import reduce_step_metrics
     from redi_megatron.testing.params import gather_stage_tensors
     from redi_megatron.training.step import forward_backward
@@ -99,7 +100,8 @@ def _parity_run(dtype: str) -> dict:
         batch = StepBatch(_parity_batch(loss), 0, 0, 0)
         metrics = reduce_step_metrics(forward_backward(c, batch), c.groups)
         grads = gather_stage_tensors(c.chunks, c.groups.tp, select=lambda p: p.main_grad)
-        out[loss] = {"loss": metrics["loss"], "grads": {k: v.float().cpu() for k, v in grads.items()}}
+        # keyed by local-spec names: the CPU reference runs the local spec, this process maybe TE's
+        out[loss] = {"loss": metrics["loss"], "grads": {local_name(k): v.float().cpu() for k, v in grads.items()}}
     return out
 
 

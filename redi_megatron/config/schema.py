@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from redi_megatron.models.config import ModelConfig, ParallelConfig
+from redi_megatron.models.config import FP8Options, ModelConfig, ParallelConfig
 
 
 @dataclass
@@ -50,6 +50,7 @@ class TrainConfig:
     seed: int = 1234                     # model init, dropout
     dtype: Literal["bf16", "fp32"] = "bf16"
     fp8: Optional[Literal["delayed", "current"]] = None  # needs Transformer Engine
+    fp8_options: FP8Options = field(default_factory=FP8Options)  # amax history, bf16 edge layers
     recompute: Optional[Literal["selective", "full"]] = None
     # A step whose loss or gradient norm is NaN/inf is never applied and never saved. "stop": end the
     # run (exit status 4), keeping the last finite checkpoint; "skip": drop that step and go on (for

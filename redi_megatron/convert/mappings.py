@@ -13,7 +13,8 @@ Megatron-Bridge's ``AutoMapping`` / ``QKVMapping`` / ``GatedMLPMapping``):
   holds ``[gate_r; up_r]``.
 
 Names are full Megatron names at TP=1/PP=1 with the local layer spec; ``te_megatron`` gives the name of
-the same tensor in Transformer Engine's spec, where the norms are fused into the next linear layer.
+the same tensor in Transformer Engine's spec, where the norms are fused into the next linear layer
+(derived from ``models.param_names``, the one list of names the two specs spell differently).
 ``{i}`` is the layer index. Shapes are symbolic (``"hidden"``, ``"ffn"``, ``"vocab"``, ``"q"`` = heads x
 head_dim, ``"kv"`` = groups x head_dim), resolved against a ``ModelConfig`` by :func:`dims`.
 
@@ -31,6 +32,7 @@ import torch
 
 from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.models.param_names import te_name
 
 # read(hf_name, dim, start, stop) -> tensor; dim None reads the whole tensor.
 Reader = Callable[[str, Optional[int], int, Optional[int]], torch.Tensor]
@@ -181,7 +183,7 @@ def _layer_params(qkv_bias: bool, qk_norm: bool = False) -> tuple[Mapping, ...]:
     L, M = "decoder.layers.{i}.", "model.layers.{i}."
     rows: list[Mapping] = [
         Direct(L + "input_layernorm.weight", M + "input_layernorm.weight", ("hidden",),
-               te_megatron=L + "self_attention.linear_qkv.layer_norm_weight"),
+               te_megatron=te_name(L + "input_layernorm.weight")),
         FusedQKV(L + "self_attention.linear_qkv.weight", M + "self_attn.q_proj.weight",
                  M + "self_attn.k_proj.weight", M + "self_attn.v_proj.weight"),
     ]
@@ -195,7 +197,7 @@ def _layer_params(qkv_bias: bool, qk_norm: bool = False) -> tuple[Mapping, ...]:
         Direct(L + "self_attention.linear_proj.weight", M + "self_attn.o_proj.weight", ("hidden", "q"),
                tp_dim=1),
         Direct(L + "pre_mlp_layernorm.weight", M + "post_attention_layernorm.weight", ("hidden",),
-               te_megatron=L + "mlp.linear_fc1.layer_norm_weight"),
+               te_megatron=te_name(L + "pre_mlp_layernorm.weight")),
         FusedGateUp(L + "mlp.linear_fc1.weight", M + "mlp.gate_proj.weight", M + "mlp.up_proj.weight"),
         Direct(L + "mlp.linear_fc2.weight", M + "mlp.down_proj.weight", ("hidden", "ffn"), tp_dim=1),
     ]

@@ -64,6 +64,8 @@ class Microbatch:
     num_loss_tokens [N] long: completion token count of each whole sequence (= sum of its loss_mask).
     sample_ids [N] long: row index in the tokenized dataset (provenance).
     ref_logps [N] float or None: reference summed log-probs (DPO), when the dataset has them.
+    has_padding: whether any token of the row is padding (``cu_seqlens != cu_seqlens_padded``); without
+        padding the model gets no padded boundaries (TE then keeps its faster THD kernel).
     """
 
     tokens: torch.Tensor
@@ -79,6 +81,7 @@ class Microbatch:
     num_loss_tokens: torch.Tensor
     sample_ids: torch.Tensor
     ref_logps: Optional[torch.Tensor] = None
+    has_padding: bool = True
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Microbatch":
         """A copy with every tensor on ``device``. To CUDA with ``non_blocking``, host tensors are pinned
@@ -174,6 +177,7 @@ def build_microbatch(
         roles=as_long(roles), pair_ids=as_long(pair_ids), num_loss_tokens=as_long(n_loss),
         sample_ids=as_long(sample_ids),
         ref_logps=torch.tensor(refs, dtype=torch.float32) if with_ref_logps else None,
+        has_padding=not torch.equal(cu_real, cu_padded),
     )
 
 

@@ -6,14 +6,15 @@ from typing import Optional
 import torch
 
 from redi_megatron.compat import cpu as cpu_compat
-from redi_megatron.models.config import ModelConfig, ParallelConfig, transformer_config
+from redi_megatron.models.config import FP8Options, ModelConfig, ParallelConfig, transformer_config
 from redi_megatron.models.layer_specs import block_spec, have_transformer_engine, require_transformer_engine
 from redi_megatron.models.rope import install_rope
 
 
 def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, dtype: torch.dtype = torch.float32,
                     vp_stage: Optional[int] = None, use_te: Optional[bool] = None,
-                    recompute: Optional[str] = None, fp8: Optional[str] = None):
+                    recompute: Optional[str] = None, fp8: Optional[str] = None,
+                    fp8_options: Optional[FP8Options] = None):
     """One GPTModel chunk for this rank (``vp_stage`` selects the virtual stage under VPP).
 
     ``use_te=None`` picks Transformer Engine when CUDA and TE are both present, the local CPU spec
@@ -27,7 +28,8 @@ def build_gpt_model(model: ModelConfig, parallel: ParallelConfig, *, dtype: torc
         use_te = on_gpu and have_transformer_engine()
     if use_te or fp8:
         require_transformer_engine("fp8 training" if fp8 else "the Transformer Engine layer spec")
-    config = transformer_config(model, parallel, dtype=dtype, on_gpu=on_gpu, recompute=recompute, fp8=fp8)
+    config = transformer_config(model, parallel, dtype=dtype, on_gpu=on_gpu, recompute=recompute, fp8=fp8,
+                                use_te=use_te, fp8_options=fp8_options)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=block_spec(config, use_te, vp_stage),

@@ -1,6 +1,7 @@
 """Model and parallelism schema (dataclasses) and their translation to Megatron's TransformerConfig."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
@@ -109,16 +110,97 @@ class ParallelConfig:
         if self.sequence_parallel and self.tp == 1:
             raise UserError("parallel.sequence_parallel needs parallel.tp > 1")
 
-    def seq_multiple(self) -> int:
-        """Every row length must be a multiple of this (CP load-balancing, SP scatter)."""
-        return (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+    def seq_multiple(self, fp8: bool = False) -> int:
+        """Every packed sequence (and so every row) is padded to a multiple of this.
+
+        CP cuts each sequence into ``2*CP`` equal chunks and SP scatters the row over TP: ``2*CP*TP_sp``.
+        Under FP8 every GEMM's token count must be a multiple of 16 (Transformer Engine), and a rank's
+        GEMMs see its share of the row: ``T/CP`` tokens, ``T/(CP*TP)`` before SP's all-gather. So each
+        sequence is padded to ``lcm(2*CP*TP_sp, 16*CP*TP_sp)`` (CP 2: 32, CP 4: 64), not
+        ``lcm(2*CP*TP_sp, 16)``, which leaves a CP-2 rank only a multiple of 8.
+        """
+        split = self.cp * (self.tp if self.sequence_parallel else 1)
+        base = (2 * self.cp if self.cp > 1 else 1) * (self.tp if self.sequence_parallel else 1)
+        return math.lcm(base, 16 * split) if fp8 else base
+
+
+@dataclass
+class FP8Options:
+    """FP8 scaling settings (``train.fp8_options``), as Megatron-Bridge's recipes set them.
+
+    Delayed scaling (``train.fp8: delayed``) scales by the max amax over a history of
+    ``amax_history_len`` steps (Bridge: 1024, "max"; Megatron's own defaults are 1, "most_recent").
+    Current (per-tensor) scaling (``train.fp8: current``) keeps the first and last
+    ``bf16_edge_layers`` transformer layers in bf16 (Bridge: 1; 0 = every layer in FP8); Megatron
+    refuses bf16 edge layers with delayed scaling, so they apply to current scaling only.
+    """
+
+    amax_history_len: int = 1024
+    amax_compute_algo: Literal["max", "most_recent"] = "max"
+    bf16_edge_layers: int = 1
+
+    def validate(self, num_layers: int, pp: int) -> None:
+        if self.amax_history_len < 1:
+            raise UserError(f"train.fp8_options.amax_history_len must be >= 1, got {self.amax_history_len}")
+        per_stage = num_layers // pp
+        if not 0 <= self.bf16_edge_layers <= per_stage:
+            raise UserError(f"train.fp8_options.bf16_edge_layers must be in [0, {per_stage}] (layers per "
+                             f"pipeline stage), got {self.bf16_edge_layers}")
+
+
+def fp8_kwargs(fp8: Optional[str], options: Optional[FP8Options] = None) -> dict:
+    """``TransformerConfig`` FP8 fields for ``train.fp8`` (None: no FP8)."""
+    if not fp8:
+        return {"fp8": None, "fp8_recipe": None}
+    o = options or FP8Options()
+    # train.fp8 names the scaling recipe; the FP8 *format* is hybrid (E4M3 forward, E5M2 backward).
+    kw: dict = {"fp8": "hybrid", "fp8_recipe": FP8_RECIPES[fp8], "fp8_margin": 0}
+    if fp8 == "delayed":
+        kw.update(fp8_amax_history_len=o.amax_history_len, fp8_amax_compute_algo=o.amax_compute_algo)
+    elif o.bf16_edge_layers:
+        kw.update(first_last_layers_bf16=True, num_layers_at_start_in_bf16=o.bf16_edge_layers,
+                  num_layers_at_end_in_bf16=o.bf16_edge_layers)
+    return kw
+
+
+def grad_accum_fusion_available() -> bool:
+    """Megatron's own linear layers (the output layer, even under TE) need apex's CUDA extension for
+    gradient-accumulation fusion; NGC containers ship it."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def fusion_kwargs(on_gpu: bool, use_te: bool, grad_accum_ext: Optional[bool] = None) -> dict:
+    """Kernel fusions: Megatron's jit fusions on any GPU; RoPE fusion (a TE kernel) and fused weight-gradient
+    accumulation into ``main_grad`` (TE's layers, apex's extension for Megatron's) under TE only. All off on
+    the CPU, where they do not exist. ``grad_accum_ext`` None: probe for apex's extension."""
+    if grad_accum_ext is None:
+        grad_accum_ext = use_te and grad_accum_fusion_available()
+    return {"bias_activation_fusion": on_gpu, "masked_softmax_fusion": on_gpu, "bias_dropout_fusion": on_gpu,
+            "apply_rope_fusion": on_gpu and use_te,
+            "gradient_accumulation_fusion": on_gpu and use_te and grad_accum_ext}
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: Optional["torch.dtype"] = None,
-                       on_gpu: bool = False, recompute: Optional[str] = None, fp8: Optional[str] = None):
+                       on_gpu: bool = False, recompute: Optional[str] = None, fp8: Optional[str] = None,
+                       use_te: bool = False, fp8_options: Optional[FP8Options] = None):
     """Megatron ``TransformerConfig`` for the model under the given layout and precision."""
-    import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
+
+    return TransformerConfig(**transformer_config_kwargs(model, parallel, dtype=dtype, on_gpu=on_gpu,
+                                                         recompute=recompute, fp8=fp8, use_te=use_te,
+                                                         fp8_options=fp8_options))
+
+
+def transformer_config_kwargs(model: ModelConfig, parallel: ParallelConfig, *, dtype: Optional["torch.dtype"] = None,
+                              on_gpu: bool = False, recompute: Optional[str] = None, fp8: Optional[str] = None,
+                              use_te: bool = False, fp8_options: Optional[FP8Options] = None,
+                              grad_accum_ext: Optional[bool] = None) -> dict:
+    """The keyword arguments of :func:`transformer_config` (testable without TE or a GPU)."""
+    import torch
 
     dtype = torch.float32 if dtype is None else dtype
 
@@ -127,7 +209,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: O
         # gloo matches messages per peer FIFO; with PP=2 the previous and next stage are one peer,
         # so batched isend/irecv swap activations and gradients silently. Non-batched is exact.
         batch_p2p = False
-    return TransformerConfig(
+    return dict(
         num_layers=model.num_layers, hidden_size=model.hidden_size,
         ffn_hidden_size=model.ffn_hidden_size, num_attention_heads=model.num_attention_heads,
         num_query_groups=model.num_query_groups, kv_channels=model.head_dim,
@@ -145,10 +227,8 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, *, dtype: O
         calculate_per_token_loss=True,       # see redi_megatron.parallel.loss_scaling
         params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu, perform_initialization=True,
-        bias_activation_fusion=on_gpu, masked_softmax_fusion=on_gpu, bias_dropout_fusion=on_gpu,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        persist_layer_norm=False,
         recompute_granularity=recompute, recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
-        # train.fp8 names the scaling recipe; the FP8 *format* is hybrid (E4M3 forward, E5M2 backward).
-        fp8="hybrid" if fp8 else None, fp8_recipe=FP8_RECIPES[fp8] if fp8 else None,
+        **fusion_kwargs(on_gpu, use_te, grad_accum_ext), **fp8_kwargs(fp8, fp8_options),
     )

@@ -13,6 +13,7 @@ import math
 import torch
 
 from redi_megatron.models.config import ModelConfig
+from redi_megatron.models.param_names import is_norm_weight, local_name
 from redi_megatron.models.sharding import global_names, shard
 
 _SCALED = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
@@ -30,6 +31,16 @@ def full_shape(param: torch.nn.Parameter, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
+def init_kind(full_name: str) -> str:
+    """How :func:`init_by_name` fills a parameter named ``full_name`` (local or TE spec): "norm" (ones),
+    "bias" (zeros), "scaled" (N(0, std / sqrt(2 * layers))) or "normal" (N(0, std))."""
+    if is_norm_weight(full_name):
+        return "norm"
+    if full_name.endswith(".bias"):
+        return "bias"
+    return "scaled" if local_name(full_name).endswith(_SCALED) else "normal"
+
+
 @torch.no_grad()
 def init_by_name(chunks: list, model: ModelConfig, seed: int, tp_rank: int, tp_size: int) -> None:
     """Normal(0, std) weights (std / sqrt(2 * layers) for output projections, as Megatron), zero biases,
@@ -40,12 +51,15 @@ def init_by_name(chunks: list, model: ModelConfig, seed: int, tp_rank: int, tp_s
         names = global_names(module)
         for name, param in module.named_parameters():
             full_name = names[name]
-            if "layernorm" in full_name or full_name.endswith("norm.weight"):
+            kind = init_kind(full_name)
+            if kind == "norm":
                 param.fill_(1.0)
                 continue
-            if full_name.endswith(".bias"):
+            if kind == "bias":
                 param.zero_()
                 continue
-            std = scaled_std if full_name.endswith(_SCALED) else model.init_method_std
-            full = torch.empty(full_shape(param, tp_size)).normal_(0.0, std, generator=_generator(seed, full_name))
+            std = scaled_std if kind == "scaled" else model.init_method_std
+            # seeded by the local-spec name: a TE-spec model draws the same weights
+            gen = _generator(seed, local_name(full_name))
+            full = torch.empty(full_shape(param, tp_size)).normal_(0.0, std, generator=gen)
             param.copy_(shard(full, param, name, tp_rank, tp_size).to(param.dtype))

@@ -13,9 +13,11 @@ def packed_seq_params(mb: Any) -> PackedSeqParams:
     """Megatron's THD description of ``mb``'s packed row: global boundaries, which TE and the local
     ``THDCoreAttention`` cut per CP rank themselves. ``cp_group`` stays None: both attentions hold the
     CP group they were built with (a group here would make TE re-register it on every call, Megatron's
-    dynamic-CP path)."""
+    dynamic-CP path). The padded boundaries go only with a row that has padding, as Megatron-Bridge
+    does: given them, TE picks a slower THD kernel even when they equal the real ones."""
+    padded = mb.cu_seqlens_padded if getattr(mb, "has_padding", True) else None
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
-                           cu_seqlens_q_padded=mb.cu_seqlens_padded, cu_seqlens_kv_padded=mb.cu_seqlens_padded,
+                           cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                            max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
 
 

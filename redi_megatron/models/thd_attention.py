@@ -57,7 +57,9 @@ class THDCoreAttention(MegatronModule):
             return self._unpacked(query, key, value)
         if packed_seq_params.qkv_format != "thd":
             raise ValueError(f"THDCoreAttention: qkv_format {packed_seq_params.qkv_format!r} is not 'thd'")
-        cu = packed_seq_params.cu_seqlens_q_padded
+        cu = packed_seq_params.cu_seqlens_q_padded  # None when the row has no padding
+        if cu is None:
+            cu = packed_seq_params.cu_seqlens_q
         group = self.cp_group
         cp_size = group.size() if group is not None else 1
         key, value = all_gather_cp(key, group, cu), all_gather_cp(value, group, cu)

@@ -98,17 +98,18 @@ def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, An
     hparams = spec.make_hparams(cfg.loss.params)
     model_cfg = resolve_model_config(cfg)
     cfg.parallel.validate(world_size, model_cfg)
+    if cfg.train.fp8:
+        cfg.train.fp8_options.validate(model_cfg.num_layers, cfg.parallel.pp)
     if cfg.data.micro_batch_tokens % sequence_multiple(cfg):
         raise UserError(f"data.micro_batch_tokens={cfg.data.micro_batch_tokens} must be a multiple of "
-                         f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; 16 with FP8)")
+                         f"{sequence_multiple(cfg)} (2*CP, times TP with sequence parallelism; with FP8 16 per rank)")
     return model_cfg, spec, hparams
 
 
 def sequence_multiple(cfg: RunConfig) -> int:
-    """Every packed sequence is padded to a multiple of this: the CP split and the SP scatter need
-    ``parallel.seq_multiple()``; FP8 GEMMs in Transformer Engine need token counts divisible by 16."""
-    multiple = cfg.parallel.seq_multiple()
-    return multiple * 16 // math.gcd(multiple, 16) if cfg.train.fp8 else multiple
+    """Every packed sequence is padded to a multiple of this (``ParallelConfig.seq_multiple``: the CP
+    split, the SP scatter, and 16 tokens per rank's GEMM under FP8)."""
+    return cfg.parallel.seq_multiple(fp8=bool(cfg.train.fp8))
 
 
 def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: ParallelGroups):
@@ -193,7 +194,8 @@ def build_model_and_optimizer(cfg: RunConfig, model_cfg: ModelConfig, steps: int
     dtype = DTYPES[cfg.train.dtype]
     use_te = torch.cuda.is_available() and have_transformer_engine()
     chunks = build_model_chunks(model_cfg, cfg.parallel, dtype=dtype, use_te=use_te,
-                                recompute=cfg.train.recompute, fp8=cfg.train.fp8)
+                                recompute=cfg.train.recompute, fp8=cfg.train.fp8,
+                                fp8_options=cfg.train.fp8_options)
     if cfg.train.fused_logprobs:
         for chunk in chunks:
             return_hidden_states(chunk)
