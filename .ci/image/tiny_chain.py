@@ -38,6 +38,7 @@ def main(work: str, configs: str) -> None:
         if rc:
             sys.exit(f"tiny_chain: {stage} exited {rc}")
         losses[stage] = [r["loss"] for r in read_metrics(os.path.join(work, stage, "metrics.jsonl"))]
+        print(f"tiny_chain: {stage} losses {losses[stage]}", file=sys.stderr)  # kept when a later stage fails
     print(json.dumps(losses))
 
 
