@@ -117,3 +117,23 @@ def test_ref_logp_errors(tmp_path):
     nan = _write(tmp_path / "b.jsonl", [{**base, "chosen_ref_logp": math.nan, "rejected_ref_logp": -2.0}])
     with pytest.raises(ValueError, match="row 0: chosen_ref_logp must be a finite number"):
         build_pair_dataset(nan, tiny, cache_dir=False, progress=False)
+
+
+def test_wait_polls_until_published_without_tokenizing(tmp_path, tok):
+    """Non-building ranks wait on the file system (no collective timeout) and never tokenize (issue 21)."""
+    import threading
+    import time
+
+    path = _write(tmp_path / "sft.jsonl", [{"problem": p, "completion": _gen(i)} for i, p in enumerate(PROBLEMS)])
+    cache = str(tmp_path / "cache")
+    got = {}
+    waiter = threading.Thread(target=lambda: got.update(
+        ds=build_sft_dataset(path, tok, cache_dir=cache, progress=False, wait=True)))
+    waiter.start()
+    time.sleep(1.5)
+    assert waiter.is_alive() and "ds" not in got  # still waiting: nothing published yet
+    assert not os.path.exists(cache) or not os.listdir(cache)  # and the waiter built nothing itself
+    built = build_sft_dataset(path, tok, cache_dir=cache, progress=False)
+    waiter.join(timeout=30)
+    assert not waiter.is_alive()
+    np.testing.assert_array_equal(np.asarray(got["ds"].tokens), np.asarray(built.tokens))

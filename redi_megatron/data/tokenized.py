@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
 from typing import Any, Optional, Union
@@ -316,8 +317,23 @@ def _load(kind: str, d: str, source: str, in_memory: bool) -> TokenizedDataset:
     return TokenizedDataset(kind, tokens, offsets, refs, source, None if in_memory else d)
 
 
+def _wait_for(final: str, poll_s: float, progress: bool) -> None:
+    """Wait, by polling the file system, until another process publishes ``final`` (its meta.json).
+
+    Used by ranks that do not tokenize: a file poll has no timeout, unlike a collective (a barrier under
+    a 600 s process-group timeout killed paper-scale runs). If the builder dies, the launcher ends us."""
+    start = last = time.monotonic()
+    while not os.path.exists(os.path.join(final, "meta.json")):
+        now = time.monotonic()
+        if progress and now - last >= 60:
+            print(f"waiting for the tokenized cache {final} ({now - start:.0f} s)", flush=True)
+            last = now
+        time.sleep(poll_s)
+
+
 def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConfig],
-           cache_dir: Union[str, bool, None], num_proc: int, progress: bool) -> TokenizedDataset:
+           cache_dir: Union[str, bool, None], num_proc: int, progress: bool,
+           wait: bool = False, poll_s: float = 1.0) -> TokenizedDataset:
     template = template or TemplateConfig()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
@@ -330,7 +346,9 @@ def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConf
             return _load(kind, tmp, path, in_memory=True)
     root = default_cache_dir() if cache_dir in (None, True) else str(cache_dir)
     final = os.path.join(root, f"{kind}-{_cache_key(kind, path, tokenizer, template)}")
-    if not os.path.exists(os.path.join(final, "meta.json")):
+    if wait:
+        _wait_for(final, poll_s, progress)
+    elif not os.path.exists(os.path.join(final, "meta.json")):
         os.makedirs(root, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
         try:
@@ -348,23 +366,24 @@ def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConf
 
 def build_sft_dataset(path: str, tokenizer: Any, template: Optional[TemplateConfig] = None,
                       cache_dir: Union[str, bool, None] = None, num_proc: int = 1,
-                      progress: bool = True) -> TokenizedDataset:
+                      progress: bool = True, wait: bool = False) -> TokenizedDataset:
     """Tokenize curated positives for the SFT stage.
 
     ``tokenizer``: a fast HF tokenizer or its directory. ``cache_dir``: None = ``$REDI_DATA_CACHE`` or
     ``~/.cache/redi_megatron/tokenized``; False = no cache (arrays held in memory). ``num_proc > 1``
     tokenizes in that many spawned processes (call it under ``if __name__ == "__main__":`` then).
-    ValueError (naming the file and row) on a missing or empty field.
+    ValueError (naming the file and row) on a missing or empty field. ``wait=True``: do not tokenize;
+    poll (no timeout) until another process publishes this cache entry, then open it.
     """
-    return _build(KIND_SFT, path, tokenizer, template, cache_dir, num_proc, progress)
+    return _build(KIND_SFT, path, tokenizer, template, cache_dir, num_proc, progress, wait=wait)
 
 
 def build_pair_dataset(path: str, tokenizer: Any, template: Optional[TemplateConfig] = None,
                        cache_dir: Union[str, bool, None] = None, num_proc: int = 1,
-                       progress: bool = True) -> TokenizedDataset:
+                       progress: bool = True, wait: bool = False) -> TokenizedDataset:
     """Tokenize curated pairs for the REDI stage (chosen and rejected share the prompt).
 
     Optional ``chosen_ref_logp``/``rejected_ref_logp`` columns (DPO reference summed log-probs) are
     kept as ``ref_logps`` ``[n, 2]``; they must be present and finite in every row or in none.
     """
-    return _build(KIND_PAIR, path, tokenizer, template, cache_dir, num_proc, progress)
+    return _build(KIND_PAIR, path, tokenizer, template, cache_dir, num_proc, progress, wait=wait)

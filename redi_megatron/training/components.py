@@ -120,22 +120,20 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         build_sft_dataset,
         load_tokenizer,
     )
-    from redi_megatron.parallel.collectives import barrier, is_global_rank_zero
+    from redi_megatron.parallel.collectives import is_global_rank_zero
 
     template = get_template(cfg.data.chat_template)
     tokenizer = load_tokenizer(tokenizer_dir, template)
     build = partial(build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset, template=template)
-    # Rank 0 tokenizes and fills the on-disk cache; the other ranks then read it instead of all
-    # tokenizing the same data at once.
+    # Rank 0 tokenizes and publishes the on-disk cache (atomic rename); the other ranks wait for it by
+    # polling the file system, NOT in a barrier: a collective has a timeout (600 s), and tokenizing a
+    # paper-scale set alone takes longer, which killed the run (issue 21).
     # The tokenized cache lives in the run directory (removed with the run), unless $REDI_DATA_CACHE
     # names a shared one.
     cache = os.environ.get("REDI_DATA_CACHE") or os.path.join(cfg.checkpoint.save_dir, "cache", "tokenized")
-    if is_global_rank_zero():
-        dataset = build(cfg.data.train_path, tokenizer, cache_dir=cache, num_proc=cfg.data.num_proc, progress=True)
-    barrier()
-    if not is_global_rank_zero():
-        dataset = build(cfg.data.train_path, tokenizer, cache_dir=cache, num_proc=cfg.data.num_proc,
-                        progress=False)
+    rank0 = is_global_rank_zero()
+    dataset = build(cfg.data.train_path, tokenizer, cache_dir=cache, num_proc=cfg.data.num_proc,
+                    progress=rank0, wait=not rank0)
     packing = PackingConfig(
         global_batch_size=cfg.data.global_batch_size, micro_batch_tokens=cfg.data.micro_batch_tokens,
         pad_to_multiple_of=sequence_multiple(cfg),
