@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from redi_megatron.errors import UserError
+from redi_megatron.locks import exclusive, lock_path_for
 from redi_megatron.outputs import check_output, discard, publish, staging_dir
 
 from .curate_report import Report, write_outputs
@@ -145,6 +146,15 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
         exclude_sources=tuple(cfg.exclude_sources),
         require_complete_reasoning=cfg.require_complete_reasoning,
     )
+    # One writer per output: a second curate into the same --output is refused, not interleaved.
+    with exclusive(lock_path_for(cfg.output), f"--output {cfg.output}"):
+        report, result = _curate_locked(cfg, files, schema, rules, tokenizer)
+    report.print_summary()
+    return result
+
+
+def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRules,
+                   tokenizer: Any) -> tuple[Report, dict[str, Any]]:
     # Everything is checked before anything is written; the old output stays until the new one is whole.
     check_output(cfg.output, [cfg.input, cfg.tokenizer or None], overwrite=cfg.overwrite, flag="--output")
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
@@ -171,8 +181,7 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     except BaseException:
         discard(stage)  # no half-written output; an earlier complete one is untouched
         raise
-    report.print_summary()
-    return result
+    return report, result
 
 
 def _process_all(cfg, chunks, spec, report: Report, ranks: np.ndarray, tmp: str, n: int) -> None:
