@@ -5,6 +5,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 from redi_megatron.errors import UserError
+from redi_megatron.typed import ranged
 
 if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
     import torch
@@ -19,20 +20,20 @@ class ModelConfig:
     """Architecture of a decoder-only model (Qwen2 or Llama family). Defaults: a tiny CPU test model."""
 
     family: Family = "qwen2"
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    kv_channels: Optional[int] = None        # head dim; None = hidden_size // num_attention_heads
-    vocab_size: int = 256                    # the tokenizer/HF embedding rows, before TP padding
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    num_layers: int = ranged(2, ">=1")
+    hidden_size: int = ranged(64, ">=1")
+    ffn_hidden_size: int = ranged(128, ">=1")
+    num_attention_heads: int = ranged(4, ">=1")
+    num_query_groups: int = ranged(2, ">=1")
+    kv_channels: Optional[int] = ranged(None, ">=1")        # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = ranged(256, ">=1")                    # the tokenizer/HF embedding rows, before TP padding
+    make_vocab_size_divisible_by: int = ranged(128, ">=1")
+    max_position_embeddings: int = ranged(4096, ">=1")
+    rope_theta: float = ranged(10000.0, ">0")
+    norm_eps: float = ranged(1e-6, ">0")
     add_qkv_bias: bool = True                # Qwen2: True, Llama: False
     tie_word_embeddings: bool = True
-    init_method_std: float = 0.02
+    init_method_std: float = ranged(0.02, ">0")
 
     def validate(self, tp: int = 1) -> None:
         if self.family not in FAMILIES:
@@ -66,10 +67,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    vpp: Optional[int] = None                # virtual pipeline stages per rank
+    tp: int = ranged(1, ">=1")
+    pp: int = ranged(1, ">=1")
+    cp: int = ranged(1, ">=1")
+    vpp: Optional[int] = ranged(None, ">=1")                # virtual pipeline stages per rank
     sequence_parallel: bool = False
     batch_p2p_comm: bool = True              # forced off where gloo would mis-order messages
 
