@@ -31,3 +31,46 @@ def test_train_help_points_at_keys_ranges_recipes_and_docs():
     out = " ".join(r.stdout.split())
     for needle in ("docs/training.md", "Allowed ranges", "examples/configs", "optimizer.*", "loss.params"):
         assert needle in out, needle
+
+
+def _eval(tmp_path, model, *extra):
+    import pytest
+
+    from redi_megatron.eval.cli import main
+
+    out = tmp_path / "evalout"
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(model), "--out", str(out), "--backend", "hf", *extra])
+    return e.value.code, out
+
+
+def test_eval_at_a_megatron_checkpoint_or_run_dir_says_export_first_and_writes_nothing(tmp_path, capsys):
+    ckpt = tmp_path / "run" / "step_000010"
+    ckpt.mkdir(parents=True)
+    (ckpt / "redi_meta.json").write_text("{}")
+    for model in (ckpt, ckpt.parent):
+        code, out = _eval(tmp_path, model)
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and "export with redi-megatron-to-hf first" in err and "\n" not in err, err
+        assert not out.exists()
+
+
+def test_eval_refuses_pickled_weights_in_one_line(tmp_path, capsys):
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "pytorch_model.bin").write_bytes(b"crafted pickle")
+    code, out = _eval(tmp_path, model)
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "pytorch_model.bin" in err and "\n" not in err, err
+    assert not out.exists()
+
+
+def test_eval_unknown_benchmark_leaves_no_out(tmp_path, capsys):
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"")
+    code, out = _eval(tmp_path, model, "--benchmarks", "aime2099")
+    assert code == 2, capsys.readouterr().err
+    assert not out.exists()
