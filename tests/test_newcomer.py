@@ -74,3 +74,21 @@ def test_eval_unknown_benchmark_leaves_no_out(tmp_path, capsys):
     code, out = _eval(tmp_path, model, "--benchmarks", "aime2099")
     assert code == 2, capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_tokenizer_dir_without_tokenizer_json_names_dir_and_file(tmp_path, capsys):
+    import shutil
+
+    from redi_megatron.data.curate import main
+    from redi_megatron.data.synthetic import raw_rows, write_jsonl
+    from redi_megatron.data.templates import qwen_tokenizer_dir
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    shutil.copy(Path(qwen_tokenizer_dir()) / "tokenizer_config.json", tok / "tokenizer_config.json")
+    path = write_jsonl(raw_rows(seed=0)[0][:4], str(tmp_path / "raw.jsonl"))
+    rc = main(["--input", path, "--tokenizer", str(tok), "--output", str(tmp_path / "o"), "--num-proc", "1",
+               "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and f"{tok} has no tokenizer.json" in err and "\n" not in err, err
+    assert not (tmp_path / "o").exists()
