@@ -92,3 +92,17 @@ def test_a_tokenizer_dir_without_tokenizer_json_names_dir_and_file(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert rc == 2 and f"{tok} has no tokenizer.json" in err and "\n" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_demo_results_md_points_at_the_plots(tmp_path, monkeypatch):
+    import types
+
+    from redi_megatron.demo import results, runner
+
+    monkeypatch.setattr(results, "summarize", lambda *a, **k: {})
+    monkeypatch.setattr(results, "render", lambda *a, **k: "# Results\n")
+    monkeypatch.setattr(runner, "load_state", lambda out: {})
+    cfg = types.SimpleNamespace(to_dict=dict, eval=types.SimpleNamespace(samples_per_problem=1))
+    results.write_results(str(tmp_path), cfg, ["base", "sft"])
+    text = (tmp_path / "results.md").read_text()
+    assert "plots/sft/" in text and "plots/stage2/" in text
