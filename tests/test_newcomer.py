@@ -106,3 +106,10 @@ def test_demo_results_md_points_at_the_plots(tmp_path, monkeypatch):
     results.write_results(str(tmp_path), cfg, ["base", "sft"])
     text = (tmp_path / "results.md").read_text()
     assert "plots/sft/" in text and "plots/stage2/" in text
+
+
+def test_every_curate_option_has_help_text():
+    from redi_megatron.data.curate import build_arg_parser
+
+    missing = [a.option_strings[0] for a in build_arg_parser()._actions if a.option_strings and not a.help]
+    assert missing == []
