@@ -113,3 +113,14 @@ def test_every_curate_option_has_help_text():
 
     missing = [a.option_strings[0] for a in build_arg_parser()._actions if a.option_strings and not a.help]
     assert missing == []
+
+
+def test_megatron_to_hf_at_an_hf_dir_names_the_flag(tmp_path):
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    r = _run(f"import sys; from redi_megatron.convert.megatron_to_hf import main; "
+             f"sys.exit(main(['--megatron', {str(hf)!r}, '--out', {str(tmp_path / 'o')!r}]))")
+    err = r.stderr.strip()
+    assert r.returncode == 2 and "--megatron" in err and "checkpoint.init_from" not in err, err
+    assert "redi-hf-to-megatron" in err and "\n" not in err, err

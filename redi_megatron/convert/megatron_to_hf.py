@@ -124,7 +124,7 @@ def resolve_checkpoint(path: str) -> str:
     """``path`` itself, or the newest complete checkpoint when ``path`` is a run directory."""
     from redi_megatron.training.components import resolve_init_checkpoint
 
-    resolved = resolve_init_checkpoint(path)
+    resolved = resolve_init_checkpoint(path, what="--megatron")
     if resolved != path:
         print(f"redi-megatron-to-hf: exporting {resolved} (the newest checkpoint of {path})")
     return resolved
