@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Optional, Union
 
@@ -52,7 +52,11 @@ def check_output(out: str | os.PathLike, inputs: Iterable[Optional[str | os.Path
         if _overlap(target, source):
             raise UserError(f"{flag} {path} overlaps the input {inp}: writing there could destroy it "
                              "(an output must not be, contain or sit inside an input)")
-    if path.exists() or path.is_symlink():
+    if path.is_symlink():
+        raise UserError(f"{flag} {path} is a symbolic link: give the directory it points to "
+                        f"({os.path.realpath(path)}) or a new path (an output is replaced by rename, which "
+                        "would replace the link, not what it points to)")
+    if path.exists():
         if not path.is_dir():
             raise UserError(f"{flag} {path} exists and is not a directory")
         if not overwrite:
@@ -84,21 +88,36 @@ def staging_dir(out: str | os.PathLike) -> Path:
     return tmp
 
 
-def publish(tmp: Path, out: str | os.PathLike) -> Path:
+def publish(tmp: Path, out: str | os.PathLike, *, ours: Optional[Callable[[str], bool]] = None) -> Path:
     """Swap the complete ``tmp`` in as ``out``. An existing ``out`` is moved aside first and deleted only
-    once the new one is in place; if the swap fails, the old one is put back."""
+    once the new one is in place; if the swap fails, the old one is put back.
+
+    ``ours(name)``: which top-level entries of an old ``out`` the tool wrote. When given, every other entry
+    of the old ``out`` (a user's ``README.md``, ``eval_results/``) that the new output does not replace is
+    carried over into the new one instead of being deleted."""
     out = Path(out)
     (tmp / MARKER).unlink(missing_ok=True)
     if not out.exists():
         tmp.rename(out)
         return out
+    kept = [] if ours is None else [e.name for e in out.iterdir()
+                                    if e.name != MARKER and not ours(e.name) and not (tmp / e.name).exists()]
+    for name in kept:
+        (out / name).rename(tmp / name)
     old = out.parent / f".{out.name}.old"
-    _remove_ours(old)
-    out.rename(old)
+    try:
+        _remove_ours(old)
+        out.rename(old)
+    except BaseException:
+        for name in kept:
+            (tmp / name).rename(out / name)
+        raise
     (old / MARKER).write_text("the replaced output; removed once the new one is in place\n")
     try:
         tmp.rename(out)
     except BaseException:
+        for name in kept:
+            (tmp / name).rename(old / name)
         old.rename(out)
         (out / MARKER).unlink(missing_ok=True)
         raise
@@ -120,6 +139,12 @@ def _remove_ours(path: Path) -> None:
     shutil.rmtree(path)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, data: Union[str, bytes, Iterable[str]], *, fsync: bool = True) -> str:
     """Replace ``path`` with ``data`` (text, bytes, or an iterable of text chunks) atomically: a temporary
     file in the same directory (created if needed), flushed to disk, then renamed over ``path``."""
@@ -129,6 +154,7 @@ def write_atomic(path: str | os.PathLike, data: Union[str, bytes, Iterable[str]]
     binary = isinstance(data, bytes)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets the mode open() would give
         with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"encoding": "utf-8"})) as f:
             if binary or isinstance(data, str):
                 f.write(data)

@@ -13,10 +13,11 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
-from typing import Any, Literal, TypeVar, Union
+from typing import Any, Literal, Optional, TypeVar, Union
 
 from redi_megatron.errors import UserError
 
@@ -57,6 +58,44 @@ def unknown_key(key: Any, cls: type, prefix: str, source: str) -> ValueError:
     close = difflib.get_close_matches(str(key), names, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(prefix + c) for c in close)}?" if close else ""
     return UserError(f"{source}: unknown key '{prefix}{key}'{hint} Valid keys: {', '.join(names)}")
+
+
+# Allowed ranges of numeric fields, declared once per field with :func:`ranged` and checked here by the one
+# builder. Every range also requires a finite value (NaN and inf never pass).
+RANGES: dict[str, Callable[[float], bool]] = {
+    "finite": lambda v: True,
+    ">0": lambda v: v > 0,
+    ">=0": lambda v: v >= 0,
+    ">=1": lambda v: v >= 1,
+    "[0,1]": lambda v: 0 <= v <= 1,
+    "[0,1)": lambda v: 0 <= v < 1,
+    "(0,1]": lambda v: 0 < v <= 1,
+}
+
+
+def ranged(default: Any, allowed: str, **kwargs: Any) -> Any:
+    """A dataclass field with its allowed range (a key of :data:`RANGES`), e.g.
+    ``lr: float = ranged(5e-5, ">0")``. ``kwargs`` go to ``dataclasses.field``."""
+    if allowed not in RANGES:
+        raise AssertionError(f"unknown range {allowed!r}; one of {list(RANGES)}")
+    return dataclasses.field(default=default, metadata={"range": allowed}, **kwargs)
+
+
+def field_range(cls: type, name: str) -> Optional[str]:
+    """The declared range of field ``name`` of dataclass ``cls`` (None when it has none)."""
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f.metadata.get("range")
+    return None
+
+
+def check_range(value: Any, allowed: Optional[str], where: str, source: str) -> None:
+    """One line naming the key and its range when a number is NaN, inf or outside ``allowed``."""
+    if allowed is None or value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if not (math.isfinite(value) and RANGES[allowed](value)):
+        finite = "a finite number" if allowed == "finite" else f"a finite number {allowed}"
+        raise UserError(f"{source}: '{where}' must be {finite}, got {value!r}")
 
 
 def _is_scalar(tp: Any) -> bool:
@@ -107,6 +146,7 @@ class Checker:
             if not isinstance(key, str) or key not in fields:
                 raise self.on_unknown(key, cls, prefix, source)
             out[key] = self.check(value, fields[key], prefix + key, source)
+            check_range(out[key], field_range(cls, key), prefix + key, source)
         return out
 
     def _union(self, value: Any, tp: Any, where: str, source: str) -> Any:

@@ -34,7 +34,7 @@ import yaml
 from redi_megatron.config.schema import RunConfig
 from redi_megatron.errors import UserError
 from redi_megatron.outputs import write_atomic
-from redi_megatron.typed import Checker, build, field_names, hints, type_name
+from redi_megatron.typed import Checker, build, check_range, field_names, field_range, hints, type_name
 
 DEFAULTS_KEY = "defaults"
 
@@ -202,6 +202,7 @@ def _set_path(tree: dict, key: str, value: Any, source: str) -> None:
         last = i == len(parts) - 1
         if last:
             checked = _check(value, tp, key, source)
+            check_range(checked, field_range(cls, part), key, source)
             # A whole section given as a mapping updates that section's keys, like a recipe does.
             node[part] = _merge(node[part], checked, tp) if dataclasses.is_dataclass(tp) else checked
             return

@@ -6,18 +6,19 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from redi_megatron.models.config import FP8Options, ModelConfig, ParallelConfig
+from redi_megatron.typed import ranged
 
 
 @dataclass
 class DataConfig:
     train_path: str = ""                 # curated dataset from redi-curate (HF datasets dir or JSONL)
     tokenizer: str = ""                  # HF tokenizer directory; "" = the one inside checkpoint.init_from
-    global_batch_size: int = 128         # samples per optimizer step: sequences (SFT) or pairs
-    micro_batch_tokens: int = 32768      # token budget of one microbatch: one packed (THD) row
-    max_prompt_tokens: int = 800
-    max_completion_tokens: int = 19000
-    seed: int = 42                       # data order (shuffling, packing)
-    num_proc: int = 1                    # tokenization worker processes
+    global_batch_size: int = ranged(128, ">=1")         # samples per optimizer step: sequences (SFT) or pairs
+    micro_batch_tokens: int = ranged(32768, ">=1")      # token budget of one microbatch: one packed (THD) row
+    max_prompt_tokens: int = ranged(800, ">=1")
+    max_completion_tokens: int = ranged(19000, ">=1")
+    seed: int = ranged(42, ">=0")                       # data order (shuffling, packing)
+    num_proc: int = ranged(1, ">=1")                    # tokenization worker processes
     # the student family's chat template (data/templates.py TEMPLATES; a test keeps the two lists equal);
     # must equal the one the data was curated with (curation_report.json), else the run is refused
     chat_template: Literal["qwen2.5-math", "qwen3", "llama3", "r1-distill"] = "qwen2.5-math"
@@ -31,23 +32,23 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 5e-5
-    min_lr: float = 0.0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_eps: float = 1e-8
-    clip_grad: float = 1.0
-    warmup_ratio: float = 0.1
+    lr: float = ranged(5e-5, ">0")
+    min_lr: float = ranged(0.0, ">=0")
+    weight_decay: float = ranged(0.0, ">=0")
+    adam_beta1: float = ranged(0.9, "[0,1)")
+    adam_beta2: float = ranged(0.999, "[0,1)")
+    adam_eps: float = ranged(1e-8, ">0")
+    clip_grad: float = ranged(1.0, ">=0")
+    warmup_ratio: float = ranged(0.1, "[0,1]")
     decay: Literal["linear", "cosine", "constant"] = "linear"
     use_distributed_optimizer: bool = True
 
 
 @dataclass
 class TrainConfig:
-    epochs: float = 1.0
-    max_steps: Optional[int] = None      # stop earlier than the epochs would
-    seed: int = 1234                     # model init, dropout
+    epochs: float = ranged(1.0, ">0")
+    max_steps: Optional[int] = ranged(None, ">=1")      # stop earlier than the epochs would
+    seed: int = ranged(1234, ">=0")                     # model init, dropout
     dtype: Literal["bf16", "fp32"] = "bf16"
     fp8: Optional[Literal["delayed", "current"]] = None  # needs Transformer Engine
     fp8_options: FP8Options = field(default_factory=FP8Options)  # amax history, bf16 edge layers
@@ -61,7 +62,7 @@ class TrainConfig:
     # chunked log-probs on its logits (for comparison).
     fused_logprobs: bool = True
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skipped_steps: int = 5
+    max_skipped_steps: int = ranged(5, ">=1")
     # Signals that stop the run cleanly (training/preemption.py): finish the step, save it, write
     # save_dir/preempted.json, exit 75. SIGUSR1 is the early warning of `#SBATCH --signal=B:USR1@120`.
     preempt_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])
@@ -71,8 +72,8 @@ class TrainConfig:
 class CheckpointConfig:
     init_from: Optional[str] = None      # model checkpoint (redi-hf-to-megatron output or a stage-1 run)
     save_dir: str = "runs/default"
-    save_interval: int = 0               # steps; 0 = only at the end
-    keep_last: int = 2
+    save_interval: int = ranged(0, ">=0")               # steps; 0 = only at the end
+    keep_last: int = ranged(2, ">=0")
     resume: bool = True                  # continue from the newest checkpoint in save_dir if any
     # A damaged newest checkpoint (a file missing, truncated or corrupted against its manifest) is set
     # aside (renamed, never deleted) and the previous one resumed: "fallback"; or the run refuses: "refuse".
@@ -83,14 +84,14 @@ class CheckpointConfig:
 @dataclass
 class CollapseConfig:
     action: Literal["off", "warn", "stop"] = "warn"
-    window: int = 20                     # steps of history the signals compare against
-    logp_drop: float = 0.5               # nats/token drop of BOTH chosen and rejected mean log-probs
-    update_norm_spike: float = 5.0       # grad norm above this multiple of its running median
+    window: int = ranged(20, ">=1")                     # steps of history the signals compare against
+    logp_drop: float = ranged(0.5, ">0")               # nats/token drop of BOTH chosen and rejected mean log-probs
+    update_norm_spike: float = ranged(5.0, ">0")       # grad norm above this multiple of its running median
 
 
 @dataclass
 class LoggingConfig:
-    log_interval: int = 1
+    log_interval: int = ranged(1, ">=1")
     tensorboard: bool = True
     wandb_project: Optional[str] = None
     jsonl: bool = True

@@ -68,6 +68,18 @@ def load_megatron_model(ckpt_dir: str | Path, dtype: Optional[torch.dtype] = Non
     return model.eval(), cfg, meta
 
 
+def _exported(name: str) -> bool:
+    """Whether an entry of an earlier export is one this tool writes (weights of any sharding, configs,
+    tokenizer files); anything else in ``--out`` is the user's and survives ``--overwrite``."""
+    return (name.endswith(".safetensors") or name == "model.safetensors.index.json"
+            or name in ("config.json", "generation_config.json") or name.startswith(".")
+            or name in _TOKENIZER_NAMES)
+
+
+_TOKENIZER_NAMES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja")
+
+
 @torch.no_grad()
 def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtype: Optional[str] = None,
                           max_shard_size: str = "5GB", overwrite: bool = False, progress: bool = True,
@@ -100,7 +112,7 @@ def export_megatron_to_hf(megatron_dir: str | Path, out_dir: str | Path, *, dtyp
         (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         for f in tokenizer_files(ckpt / TOKENIZER_SUBDIR):
             shutil.copy2(f, tmp / f.name)
-        publish(tmp, out)
+        publish(tmp, out, ours=_exported)  # a user's README.md / eval_results/ in an old export are kept
     except BaseException:
         writer.abort()
         discard(tmp)
@@ -112,7 +124,7 @@ def resolve_checkpoint(path: str) -> str:
     """``path`` itself, or the newest complete checkpoint when ``path`` is a run directory."""
     from redi_megatron.training.components import resolve_init_checkpoint
 
-    resolved = resolve_init_checkpoint(path)
+    resolved = resolve_init_checkpoint(path, what="--megatron")
     if resolved != path:
         print(f"redi-megatron-to-hf: exporting {resolved} (the newest checkpoint of {path})")
     return resolved

@@ -26,6 +26,7 @@ from typing import Any, Optional
 import numpy as np
 
 from redi_megatron.errors import UserError
+from redi_megatron.locks import exclusive, lock_path_for
 from redi_megatron.outputs import check_output, discard, publish, staging_dir
 
 from .curate_report import Report, write_outputs
@@ -158,6 +159,15 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
         exclude_sources=tuple(cfg.exclude_sources),
         require_complete_reasoning=cfg.require_complete_reasoning,
     )
+    # One writer per output: a second curate into the same --output is refused, not interleaved.
+    with exclusive(lock_path_for(cfg.output), f"--output {cfg.output}"):
+        report, result = _curate_locked(cfg, files, schema, rules, tokenizer)
+    report.print_summary()
+    return result
+
+
+def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRules,
+                   tokenizer: Any) -> tuple[Report, dict[str, Any]]:
     # Everything is checked before anything is written; the old output stays until the new one is whole.
     check_output(cfg.output, [cfg.input, cfg.tokenizer or None], overwrite=cfg.overwrite, flag="--output")
     tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, cfg.template())
@@ -185,8 +195,7 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     except BaseException:
         discard(stage)  # no half-written output; an earlier complete one is untouched
         raise
-    report.print_summary()
-    return result
+    return report, result
 
 
 def _process_all(cfg, chunks, spec, report: Report, ranks: np.ndarray, tmp: str, n: int) -> None:
@@ -221,29 +230,41 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help="parquet/JSONL file or a directory of them")
     p.add_argument("--output", required=True, help="output directory (positives/, pairs/, curation_report.json)")
     p.add_argument("--tokenizer", required=True, help="HF tokenizer directory (the model's)")
-    p.add_argument("--schema", default="auto", choices=("auto",) + SCHEMAS)
-    p.add_argument("--correctness-rule", default="auto")
-    p.add_argument("--no-require-valid", dest="require_valid", action="store_false")
-    p.add_argument("--valid-values", nargs="+", default=["yes"])
-    p.add_argument("--exclude-sources", nargs="*", default=["cn_k12"])
+    p.add_argument("--schema", default="auto", choices=("auto",) + SCHEMAS,
+                   help="input row layout; auto = detected from the columns")
+    p.add_argument("--correctness-rule", default="auto",
+                   help="which verifier columns mark a trace correct; auto = the schema's own (docs/data.md)")
+    p.add_argument("--no-require-valid", dest="require_valid", action="store_false",
+                   help="keep problems whose validity column is not one of --valid-values")
+    p.add_argument("--valid-values", nargs="+", default=["yes"],
+                   help="validity-column values that mark a problem valid (case-insensitive)")
+    p.add_argument("--exclude-sources", nargs="*", default=["cn_k12"],
+                   help="problem sources to drop (the authors drop cn_k12); none = keep all")
     p.add_argument("--keep-incomplete", dest="require_complete_reasoning", action="store_false",
                    help="220k: also use generations whose reasoning is marked incomplete")
     p.add_argument("--seed", type=int, default=42, help="shuffle seed (the authors' 42)")
-    p.add_argument("--no-shuffle", action="store_true")
+    p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
     p.add_argument("--max-prompt-tokens", type=int, default=800, help="<= 0 disables")
     p.add_argument("--max-completion-tokens", type=int, default=19000, help="<= 0 disables")
-    p.add_argument("--length-filter", default="pairs", choices=LENGTH_FILTER_SCOPES)
-    p.add_argument("--length-measure", default=LENGTH_EXACT, choices=(LENGTH_EXACT, LENGTH_AUTHORS))
-    p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS)
-    p.add_argument("--format", dest="output_format", default="hf", choices=("hf", "jsonl"))
+    p.add_argument("--length-filter", default="pairs", choices=LENGTH_FILTER_SCOPES,
+                   help="which outputs the token limits apply to")
+    p.add_argument("--length-measure", default=LENGTH_EXACT, choices=(LENGTH_EXACT, LENGTH_AUTHORS),
+                   help="how lengths are counted: the exact templated tokens, or the authors' way")
+    p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS,
+                   help="datasets to write: positives (SFT) and/or pairs (REDI/DPO/SimPO)")
+    p.add_argument("--format", dest="output_format", default="hf", choices=("hf", "jsonl"),
+                   help="HF datasets directories or JSONL files")
+    p.add_argument("--system-prompt", default=QWEN_MATH_SYSTEM_PROMPT,
+                   help="system prompt of the chat template (default: Qwen2.5-Math's)")
     p.add_argument("--chat-template", default=DEFAULT_TEMPLATE, help="template name (docs/data.md)")
-    p.add_argument("--system-prompt", default=QWEN_MATH_SYSTEM_PROMPT)
     p.add_argument("--eos-token", default="<|endoftext|>", help="'tokenizer' = the tokenizer's own eos_token")
     p.add_argument("--strict", action="store_true", help="the first bad row is an error")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--rows-per-chunk", type=int, default=512)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
+                   help="worker processes (default: all CPUs)")
+    p.add_argument("--rows-per-chunk", type=int, default=512, help="rows per worker task")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --output (kept until the new one is complete)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
 

@@ -179,6 +179,11 @@ def load_tokenizer(path: str, cfg: Optional[TemplateConfig] = None) -> Any:
 
     if not os.path.isdir(path):
         raise UserError(f"tokenizer path {path!r} is not a directory")
+    has = set(os.listdir(path))
+    if "tokenizer.json" not in has and not {"vocab.json", "merges.txt"} <= has:
+        found = ", ".join(sorted(has)) or "nothing"
+        raise UserError(f"tokenizer directory {path} has no tokenizer.json (found: {found}): copy the model's "
+                        "tokenizer.json there")
     tok = AutoTokenizer.from_pretrained(path)
     if not getattr(tok, "is_fast", False):
         raise UserError(f"tokenizer in {path} is not a fast tokenizer (tokenizer.json needed)")

@@ -302,8 +302,21 @@ def _cache_key(kind: str, path: str, tokenizer: Any, template: TemplateConfig) -
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
+def load_npy(path: str, remedy: str) -> np.ndarray:
+    """A plain numeric ``.npy`` array; never unpickles (an object array is refused, no code runs).
+    A crafted, torn or non-numeric file is a one-line UserError naming it, ending with ``remedy``."""
+    try:
+        values = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{path}: not a plain numeric .npy array ({str(e).splitlines()[0]}); {remedy}") from None
+    if not isinstance(values, np.ndarray) or values.dtype.kind not in "biuf":
+        raise UserError(f"{path}: not a plain numeric .npy array (dtype {getattr(values, 'dtype', '?')}); {remedy}")
+    return values
+
+
 def _load(kind: str, d: str, source: str, in_memory: bool) -> TokenizedDataset:
-    offsets = np.load(os.path.join(d, "offsets.npy"))
+    remedy = f"delete the cache directory {d} and rerun to rebuild it"
+    offsets = load_npy(os.path.join(d, "offsets.npy"), remedy)
     tpath = os.path.join(d, "tokens.bin")
     if offsets[-1] == 0:
         tokens = np.zeros(0, dtype=np.int32)
@@ -311,9 +324,11 @@ def _load(kind: str, d: str, source: str, in_memory: bool) -> TokenizedDataset:
         tokens = np.fromfile(tpath, dtype=np.int32)
     else:
         tokens = np.memmap(tpath, dtype=np.int32, mode="r")
-    assert tokens.shape[0] == offsets[-1], f"{d}: tokens.bin does not match offsets.npy"
+    if tokens.shape[0] != offsets[-1]:  # a torn write or a truncated copy
+        raise UserError(f"{tpath}: {tokens.shape[0]} tokens, offsets.npy expects {int(offsets[-1])} (truncated?); "
+                        f"{remedy}")
     rpath = os.path.join(d, "ref_logps.npy")
-    refs = np.load(rpath) if os.path.exists(rpath) else None
+    refs = load_npy(rpath, remedy) if os.path.exists(rpath) else None
     return TokenizedDataset(kind, tokens, offsets, refs, source, None if in_memory else d)
 
 

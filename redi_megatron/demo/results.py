@@ -142,6 +142,10 @@ def _render_premise(premise: dict[str, Any], e: Any) -> list[str]:
     return lines
 
 
+PLOTS_NOTE = ("Training curves (loss, log-probs, gradient norm per step): `plots/sft/*.png` (stage 1, SFT) and "
+              "`plots/stage2/*.png` (REDI, the alpha = 0 control, token-level SFT), beside this file.\n")
+
+
 def write_results(out: str, cfg: Any, names: list[str], pairs_path: Optional[str] = None) -> str:
     """Write ``results.json`` and ``results.md`` into ``out``; returns the Markdown. With ``pairs_path`` (the
     curated pairs) and the premise stage's ``premise.json``, the premise under every trained model too."""
@@ -158,7 +162,7 @@ def write_results(out: str, cfg: Any, names: list[str], pairs_path: Optional[str
                                         cfg.eval.top_p))
     summary = summarize(out, names, cfg.eval.samples_per_problem, premise)
     seconds = {k: v.get("seconds", 0.0) for k, v in load_state(out).get("stages", {}).items()}
-    text = render(summary, cfg, seconds)
+    text = render(summary, cfg, seconds).rstrip("\n") + "\n\n" + PLOTS_NOTE
     with open(os.path.join(out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(dict(summary, config=cfg.to_dict(), stage_seconds=seconds), f, indent=2)
     with open(os.path.join(out, "results.md"), "w", encoding="utf-8") as f:

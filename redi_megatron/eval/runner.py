@@ -20,6 +20,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Optional
 
 from tqdm import tqdm
@@ -189,6 +190,19 @@ def _prompt_tokenizer(cfg: EvalConfig) -> Any:
     return AutoTokenizer.from_pretrained(cfg.tokenizer or cfg.model)
 
 
+def check_hf_model_dir(model: str) -> None:
+    """One line for a --model that is not an HF model directory redi-eval can load safely: a Megatron
+    checkpoint or run directory of ours, or pickled weights (``pytorch_model.bin``, which can run code)."""
+    root = Path(model)
+    ours = [p for p in (root, *(d for d in root.iterdir() if d.is_dir())) if (p / "redi_meta.json").is_file()]
+    if ours or (root / "config.yaml").is_file() and not (root / "config.json").is_file():
+        raise UserError(f"--model {model} is a redi-megatron (Megatron) checkpoint or run directory, not an HF "
+                        "model: export with redi-megatron-to-hf first (--megatron <checkpoint> --out <hf dir>)")
+    if not any(root.glob("*.safetensors")) and any(root.glob("*.bin")):
+        raise UserError(f"--model {model}: only pickled weights ({next(root.glob('*.bin')).name}), which redi-eval "
+                        "does not load (they can run code): re-save with save_pretrained(safe_serialization=True)")
+
+
 def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
     """Run (or resume) an evaluation and write the reports; returns the report dict.
 
@@ -198,14 +212,16 @@ def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:
     if backend is None and not os.path.isdir(cfg.model):  # before anything is written into --out
         raise UserError(f"--model {cfg.model}: no such model directory (redi-eval reads local HF model "
                         "directories, e.g. redi-megatron-to-hf's output; download hub models first)")
+    if backend is None:
+        check_hf_model_dir(cfg.model)
     if cfg.shard_index is None:  # an existing --out is resumed, but never one overlapping an input
         inputs = [cfg.model, cfg.tokenizer, *(b for b in cfg.benchmarks if b.endswith(".jsonl"))]
         check_output(cfg.out, inputs, overwrite=True)
+        problems = load_benchmarks(cfg.benchmarks, cfg.limit)  # an unknown benchmark: nothing written yet
     os.makedirs(cfg.out, exist_ok=True)
     if cfg.shard_index is not None:
         _run_shard(cfg, backend)
         return None
-    problems = load_benchmarks(cfg.benchmarks, cfg.limit)
     run_config = check_run_config(cfg)
     store = SampleStore(os.path.join(cfg.out, SAMPLES_FILE))
     with GradingPool(cfg.grade_workers, cfg.grade_timeout) as pool:

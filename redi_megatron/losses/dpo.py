@@ -24,6 +24,7 @@ from redi_megatron.losses.common import (
     pair_metrics,
 )
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
+from redi_megatron.typed import ranged
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class DPOConfig:
     """``beta`` scales the implicit reward ``logp - ref``; ``sft_weight`` adds ``-logp(y_w)/|y_w|`` per pair
     (an SFT anchor on the chosen trace; 0 = plain DPO, the paper's baseline)."""
 
-    beta: float = 0.1
-    sft_weight: float = 0.0
+    beta: float = ranged(0.1, ">0")
+    sft_weight: float = ranged(0.0, ">=0")
 
     def __post_init__(self) -> None:
         check_sft_weight("dpo", self.sft_weight)

@@ -23,15 +23,16 @@ import torch
 from redi_megatron.errors import UserError
 from redi_megatron.losses.common import gather_pairs, normalized_pair_logps, pair_metrics, summarize
 from redi_megatron.losses.registry import ROLE_CHOSEN, ROLE_REJECTED, LossInputs, LossSpec, register_loss
+from redi_megatron.typed import ranged
 
 
 @dataclass(frozen=True)
 class RediConfig:
     """REDI hyper-parameters: ``alpha`` weights the negatives, ``chosen_coef`` the positives."""
 
-    alpha: float = 0.8
-    chosen_coef: float = 1.0
-    neg_weighting_gamma: float = 0.0
+    alpha: float = ranged(0.8, "[0,1]")
+    chosen_coef: float = ranged(1.0, ">=0")
+    neg_weighting_gamma: float = ranged(0.0, ">=0")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:

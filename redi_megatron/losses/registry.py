@@ -24,6 +24,7 @@ from typing import Any, Literal, Optional
 import torch
 
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT  # noqa: F401  (re-exported)
+from redi_megatron.errors import UserError
 from redi_megatron.typed import from_mapping
 
 NORMALIZERS = ("tokens", "pairs")
@@ -123,10 +124,14 @@ def _load_builtin_losses() -> None:
 
 
 def get_loss(name: str) -> LossSpec:
-    """The spec registered as ``name``; ValueError listing the known names otherwise."""
+    """The spec registered as ``name``; a one-line UserError (with a suggestion) otherwise."""
     _load_builtin_losses()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown loss {name!r}; known losses: {available_losses()}")
+        import difflib
+
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f"; did you mean 'loss.name={close[0]}'?" if close else ""
+        raise UserError(f"'loss.name': unknown loss {name!r}{hint} Known losses: {', '.join(available_losses())}")
     return _REGISTRY[name]
 
 

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from redi_megatron.errors import UserError
 from redi_megatron.losses.common import check_sft_weight, compute_pair_loss, normalized_pair_logps, pair_metrics
 from redi_megatron.losses.registry import LossInputs, LossSpec, register_loss
+from redi_megatron.typed import ranged
 
 
 @dataclass(frozen=True)
@@ -22,9 +23,9 @@ class SimPOConfig:
     """``beta`` scales the normalised log-prob margin, ``gamma`` is the target margin; ``sft_weight`` adds
     ``-logp(y_w)/|y_w|`` per pair (an SFT anchor; 0 = plain SimPO)."""
 
-    beta: float = 2.0
-    gamma: float = 1.0
-    sft_weight: float = 0.0
+    beta: float = ranged(2.0, ">0")
+    gamma: float = ranged(1.0, "finite")
+    sft_weight: float = ranged(0.0, ">=0")
 
     def __post_init__(self) -> None:
         check_sft_weight("simpo", self.sft_weight)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Optional, get_args
 
 from redi_megatron.errors import UserError
+from redi_megatron.typed import ranged
 
 if TYPE_CHECKING:  # torch is imported where a TransformerConfig is built: reading a config stays fast
     import torch
@@ -23,26 +24,26 @@ class ModelConfig:
     model."""
 
     family: Family = "qwen2"
-    num_layers: int = 2
-    hidden_size: int = 64
-    ffn_hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    kv_channels: Optional[int] = None        # head dim; None = hidden_size // num_attention_heads
-    vocab_size: int = 256                    # the tokenizer/HF embedding rows, before TP padding
-    make_vocab_size_divisible_by: int = 128
-    max_position_embeddings: int = 4096
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    num_layers: int = ranged(2, ">=1")
+    hidden_size: int = ranged(64, ">=1")
+    ffn_hidden_size: int = ranged(128, ">=1")
+    num_attention_heads: int = ranged(4, ">=1")
+    num_query_groups: int = ranged(2, ">=1")
+    kv_channels: Optional[int] = ranged(None, ">=1")        # head dim; None = hidden_size // num_attention_heads
+    vocab_size: int = ranged(256, ">=1")                    # the tokenizer/HF embedding rows, before TP padding
+    make_vocab_size_divisible_by: int = ranged(128, ">=1")
+    max_position_embeddings: int = ranged(4096, ">=1")
+    rope_theta: float = ranged(10000.0, ">0")
+    norm_eps: float = ranged(1e-6, ">0")
     add_qkv_bias: bool = True                # Qwen2: True, Qwen3 and Llama: False
     qk_layernorm: bool = False               # per-head RMSNorm on queries and keys before RoPE (Qwen3)
     rope_type: RopeType = "default"          # "llama3": Llama 3.1/3.2 frequency-dependent scaling
-    rope_scaling_factor: float = 8.0         # llama3 only: >= 1
-    rope_low_freq_factor: float = 1.0        # llama3 only: > 0
-    rope_high_freq_factor: float = 4.0       # llama3 only: > rope_low_freq_factor
-    rope_original_max_position_embeddings: int = 8192  # llama3 only: >= 1
+    rope_scaling_factor: float = ranged(8.0, ">=1")         # llama3 only
+    rope_low_freq_factor: float = ranged(1.0, ">0")         # llama3 only
+    rope_high_freq_factor: float = ranged(4.0, ">0")        # llama3 only: > rope_low_freq_factor (validate)
+    rope_original_max_position_embeddings: int = ranged(8192, ">=1")  # llama3 only
     tie_word_embeddings: bool = True
-    init_method_std: float = 0.02
+    init_method_std: float = ranged(0.02, ">0")
 
     def validate(self, tp: int = 1) -> None:
         if self.family not in FAMILIES:
@@ -91,10 +92,10 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    tp: int = 1
-    pp: int = 1
-    cp: int = 1
-    vpp: Optional[int] = None                # virtual pipeline stages per rank
+    tp: int = ranged(1, ">=1")
+    pp: int = ranged(1, ">=1")
+    cp: int = ranged(1, ">=1")
+    vpp: Optional[int] = ranged(None, ">=1")                # virtual pipeline stages per rank
     sequence_parallel: bool = False
     batch_p2p_comm: bool = True              # forced off where gloo would mis-order messages
 
@@ -135,9 +136,9 @@ class FP8Options:
     refuses bf16 edge layers with delayed scaling, so they apply to current scaling only.
     """
 
-    amax_history_len: int = 1024
+    amax_history_len: int = ranged(1024, ">=1")
     amax_compute_algo: Literal["max", "most_recent"] = "max"
-    bf16_edge_layers: int = 1
+    bf16_edge_layers: int = ranged(1, ">=0")
 
     def validate(self, num_layers: int, pp: int) -> None:
         if self.amax_history_len < 1:

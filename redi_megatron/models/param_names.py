@@ -36,4 +36,5 @@ def local_name(name: str) -> str:
 def is_norm_weight(name: str) -> bool:
     """Whether ``name`` (either spec, full or local to a chunk) is an RMSNorm gain."""
     local = local_name(name)
-    return local.endswith(tuple(TE_FUSED_NORMS)) or local.endswith("final_layernorm.weight")
+    # Qwen3's per-head q/k norms have the same name in both specs.
+    return local.endswith((*TE_FUSED_NORMS, "final_layernorm.weight", "q_layernorm.weight", "k_layernorm.weight"))

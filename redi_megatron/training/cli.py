@@ -13,7 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="redi-train",
         description="Train SFT / REDI / DPO / SimPO on Megatron-Core. Multi-process: "
-                    "torchrun --nproc_per_node N -m redi_megatron.training.cli --config ...")
+                    "torchrun --nproc_per_node N -m redi_megatron.training.cli --config ...",
+        epilog="Keys (sections): name, model.*, parallel.*, data.*, loss.name / loss.params.*, optimizer.*, "
+               "train.*, checkpoint.*, logging.*; each key, its default and its allowed range (NaN/inf never, "
+               "lr >0, epochs >0, keep_last >=0, ...) are listed in docs/training.md ('Configuration "
+               "reference', 'Allowed ranges'). Recipes: examples/configs/*.yaml (tiny_cpu_sft.yaml, "
+               "tiny_cpu_redi.yaml run on a laptop CPU). Losses: sft, redi, dpo, simpo, ...")
     p.add_argument("--config", required=True, help="YAML recipe (see examples/configs/)")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optimizer.lr=1e-6")
     p.add_argument("--no-resume", action="store_true",
@@ -29,6 +34,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, list(args.overrides))
         if args.no_resume:
             cfg.checkpoint.resume = False
+        from redi_megatron.losses.registry import get_loss
+
+        get_loss(cfg.loss.name).make_hparams(cfg.loss.params)  # a loss typo fails before Megatron starts
         from redi_megatron.training.trainer import train
 
         summary = train(cfg)

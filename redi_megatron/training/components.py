@@ -46,22 +46,25 @@ class Components:
     use_te: bool
 
 
-def resolve_init_checkpoint(path: str) -> str:
+def resolve_init_checkpoint(path: str, what: str = "checkpoint.init_from") -> str:
     """``checkpoint.init_from`` as a model checkpoint directory: a checkpoint itself, or a run directory
-    (the previous stage's ``save_dir``), which means its newest complete checkpoint."""
+    (the previous stage's ``save_dir``), which means its newest complete checkpoint. ``what`` names the
+    setting in errors (``--megatron`` for the converter)."""
     from redi_megatron.training.checkpointing import checkpoints_dir, latest_checkpoint
 
     if not os.path.isdir(path):
-        raise UserError(f"checkpoint.init_from: {path!r} is not a directory")
+        raise UserError(f"{what}: {path!r} is not a directory")
     if os.path.isfile(os.path.join(path, "model_config.json")):
         return path
     if checkpoints_dir(path).is_dir():
         newest = latest_checkpoint(path)
         if newest is None:
-            raise UserError(f"checkpoint.init_from: run directory {path!r} has no complete checkpoint")
+            raise UserError(f"{what}: run directory {path!r} has no complete checkpoint")
         return str(newest)
-    raise UserError(f"checkpoint.init_from: {path!r} is neither a model checkpoint (model_config.json) "
-                     f"nor a run directory (checkpoints/)")
+    hf = (" (it is an HF model directory: convert it with redi-hf-to-megatron first)"
+          if os.path.isfile(os.path.join(path, "config.json")) else "")
+    raise UserError(f"{what}: {path!r} is neither a model checkpoint (model_config.json) "
+                    f"nor a run directory (checkpoints/){hf}")
 
 
 def resolve_model_config(cfg: RunConfig) -> ModelConfig:

@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 from redi_megatron.data.batch import ROLE_CHOSEN, ROLE_REJECTED
+from redi_megatron.data.tokenized import load_npy
 from redi_megatron.errors import UserError
 from redi_megatron.parallel.collectives import barrier, gather_objects_world, is_global_rank_zero
 from redi_megatron.parallel.loss_scaling import make_sequence_logps_func
@@ -24,7 +25,7 @@ def reference_logps(c, sampler) -> np.ndarray:
     """Reference log-probs for every pair of ``c.dataset``: loaded from the run dir or computed."""
     path = os.path.join(c.cfg.checkpoint.save_dir, REFERENCE_FILE)
     if os.path.isfile(path):
-        values = np.load(path)
+        values = load_npy(path, "delete it and rerun to recompute the reference log-probs")
         if values.shape != (len(c.dataset), 2):
             raise UserError(f"{path} has shape {values.shape}, the dataset has {len(c.dataset)} pairs")
         return values
