@@ -7,11 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
-from vllm_helpers import run_module
+from vllm_helpers import run_module, save_perturbed
 
 
 def _make(family: str, path: Path) -> Path:
-    import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     from redi_megatron.data.templates import qwen_tokenizer_dir
@@ -28,13 +27,7 @@ def _make(family: str, path: Path) -> Path:
                 "original_max_position_embeddings": 64, "rope_theta": 500000.0}
         model = LlamaForCausalLM(LlamaConfig(**common, max_position_embeddings=2048, rope_theta=500000.0,
                                              rope_scaling=rope, rope_parameters=rope, rms_norm_eps=1e-5))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((1.0 if "norm" in name else 0.0) + 0.1 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_perturbed(model, tok, path)
 
 
 @pytest.mark.vllm

