@@ -32,7 +32,7 @@ class LossConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = ranged(5e-5, ">0")
+    lr: float = ranged(5e-5, ">=0")
     min_lr: float = ranged(0.0, ">=0")
     weight_decay: float = ranged(0.0, ">=0")
     adam_beta1: float = ranged(0.9, "[0,1)")
