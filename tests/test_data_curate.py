@@ -26,8 +26,9 @@ EXPECTED = {
     "no_correct": 25,
     "correct_no_incorrect": 40,
     "positive_candidates": 199,  # 224 - 25
-    "positives_kept": 197,  # - 2 control_token (positives are not length-filtered by default)
-    "positives_over_limits_kept": 5,  # 3 long prompts + 2 long chosen
+    "positives_kept": 192,  # - 2 control_token - 3 long prompts - 2 long chosen (length_filter="both")
+    "positives_kept_authors": 197,  # length_filter="pairs" (the authors'): only the 2 control_token
+    "positives_over_limits_kept": 5,  # 3 long prompts + 2 long chosen, kept under length_filter="pairs"
     "pair_candidates": 159,  # 150 + 3 + 2 + 2 + 2
     "pairs_kept": 150,  # - 2 control_token - 3 prompt_too_long - 4 completion_too_long
 }
@@ -90,8 +91,12 @@ def test_counts_per_rule(jsonl_run):
     assert rep["rows_with_correct_but_no_incorrect"] == EXPECTED["correct_no_incorrect"]
     pos, pairs = rep["outputs"]["positives"], rep["outputs"]["pairs"]
     assert (pos["candidates"], pos["kept"]) == (EXPECTED["positive_candidates"], EXPECTED["positives_kept"])
-    assert pos["removed"] == {"control_token_in_text": 2}
-    assert pos["over_length_limits_but_kept"] == EXPECTED["positives_over_limits_kept"]
+    assert pos["removed"] == {"control_token_in_text": 2, "prompt_too_long": 3, "completion_too_long": 2}
+    assert pos["over_length_limits_but_kept"] == 0 and pos["token_lengths_kept"]["completion_tokens"]["max"] <= 400
+    counts = rep["token_counts"]  # what training reads to check lengths before tokenizing (data/lengths.py)
+    assert (counts["max_prompt_tokens"], counts["max_completion_tokens"]) == (200, 400)
+    assert counts["length_filter_applied_to"] == ["positives", "pairs"] and counts["measure"] == "exact"
+    assert counts["template"]["name"] == "qwen2.5-math" and len(counts["tokenizer_sha256"]) == 64
     assert (pairs["candidates"], pairs["kept"]) == (EXPECTED["pair_candidates"], EXPECTED["pairs_kept"])
     assert pairs["removed"] == {"control_token_in_text": 2, "prompt_too_long": 3, "completion_too_long": 4}
     assert pairs["token_lengths_kept"]["chosen_tokens"]["max"] <= 400
@@ -119,7 +124,7 @@ def test_selection_and_order_match_authors(jsonl_run, fixture_rows):
     ref_pos, ref_pairs = _authors_reference(rows, cats)
     removed = rep["outputs"]["pairs"]["removed_rows"]
     dropped_pairs = {i for v in removed.values() for i in v}
-    dropped_pos = set(rep["outputs"]["positives"]["removed_rows"]["control_token_in_text"])
+    dropped_pos = {i for v in rep["outputs"]["positives"]["removed_rows"].values() for i in v}
     pos = _load(cfg.output, "positives")
     pairs = _load(cfg.output, "pairs")
     assert [(r["original_index"], r["gen_idx"]) for r in pos] == [p for p in ref_pos if p[0] not in dropped_pos]
@@ -135,7 +140,8 @@ def test_selection_and_order_match_authors(jsonl_run, fixture_rows):
 
 
 def test_parquet_dir_parallel_jsonl_output(tmp_path, tok, fixture_rows, jsonl_run):
-    """Two parquet files, 2 worker processes, JSONL output: same selection as the JSONL run."""
+    """Two parquet files, 2 worker processes, JSONL output: same pairs as the JSONL run; with
+    length_filter="pairs" (the authors' choice) the over-long positives are kept."""
     rows, cats = fixture_rows
     keep = [i for i, c in enumerate(cats) if c not in ("bad:generations_str", "bad:label_str")]  # not Arrow-typable
     sub = [rows[i] for i in keep]
@@ -144,10 +150,15 @@ def test_parquet_dir_parallel_jsonl_output(tmp_path, tok, fixture_rows, jsonl_ru
     for k, part in enumerate((sub[:half], sub[half:])):
         datasets.Dataset.from_list(part).to_parquet(str(tmp_path / "raw" / "data" / f"train-{k:05d}-of-00002.parquet"))
     cfg = CurationConfig(input=str(tmp_path / "raw"), output=str(tmp_path / "out"), tokenizer="unused",
-                         num_proc=2, rows_per_chunk=64, output_format="jsonl", progress=False, **LIMITS)
+                         num_proc=2, rows_per_chunk=64, output_format="jsonl", progress=False,
+                         length_filter="pairs", **LIMITS)
     rep = curate(cfg, tokenizer=tok)
     assert rep["rows_read"] == len(sub) and rep["removed_by_rule"]["bad_row"] == EXPECTED["bad_row"] - 4
     assert rep["outputs"]["pairs"]["kept"] == EXPECTED["pairs_kept"]
+    pos = rep["outputs"]["positives"]
+    assert pos["kept"] == EXPECTED["positives_kept_authors"] and pos["removed"] == {"control_token_in_text": 2}
+    assert pos["over_length_limits_but_kept"] == EXPECTED["positives_over_limits_kept"]
+    assert rep["token_counts"]["length_filter_applied_to"] == ["pairs"]
     got = [(keep[r["original_index"]], r["chosen_gen_idx"]) for r in _load(cfg.output, "pairs", "jsonl")]
     ref = {(r["original_index"], r["chosen_gen_idx"]) for r in _load(jsonl_run[0].output, "pairs")}
     assert set(got) == ref

@@ -259,3 +259,21 @@ def test_readme_real_data_chain_is_consistent_with_the_recipes():
     assert _flag(cmds["redi-megatron-to-hf"], "--megatron") == redi.checkpoint.save_dir
     assert _flag(cmds["redi-eval"], "--model") == _flag(cmds["redi-megatron-to-hf"], "--out")
     assert _flag(cmds["redi-curate"], "--tokenizer") == _flag(cmds["redi-hf-to-megatron"], "--hf")
+
+
+PAPER_DATA_RECIPES = [p for p in RECIPES if not os.path.basename(p).startswith("tiny_cpu")]  # tiny_cpu: demo data
+
+
+@pytest.mark.parametrize("path", PAPER_DATA_RECIPES, ids=os.path.basename)
+def test_recipe_accepts_what_curation_writes_by_default(path):
+    """Lengths agree by construction (issue 21): redi-curate's defaults (the dataclass and the CLI) filter
+    positives and pairs to limits that every recipe for curated OpenR1 data accepts."""
+    from redi_megatron.data.curate import CurationConfig, config_from_args
+
+    lib = CurationConfig(input="in", output="out", tokenizer="tok")
+    cli = config_from_args(["--input", "in", "--output", "out", "--tokenizer", "tok"])
+    for c in (lib, cli):
+        assert c.length_filter == "both" and c.outputs == ("positives", "pairs")
+        assert (c.max_prompt_tokens, c.max_completion_tokens) == (800, 19000)  # the paper's P800/R19000
+    d = load_config(path).data
+    assert d.max_prompt_tokens >= cli.max_prompt_tokens and d.max_completion_tokens >= cli.max_completion_tokens

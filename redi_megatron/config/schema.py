@@ -17,6 +17,10 @@ class DataConfig:
     micro_batch_tokens: int = ranged(32768, ">=1")      # token budget of one microbatch: one packed (THD) row
     max_prompt_tokens: int = ranged(800, ">=1")
     max_completion_tokens: int = ranged(19000, ">=1")
+    # samples over max_prompt_tokens / max_completion_tokens: "error" refuses the run in one line (checked
+    # from curation's stored counts before tokenizing when they match); "drop" trains without them and
+    # prints how many (the tokenized cache still holds every sample)
+    overlong: Literal["error", "drop"] = "error"
     seed: int = ranged(42, ">=0")                       # data order (shuffling, packing)
     num_proc: int = ranged(1, ">=1")                    # tokenization worker processes
     # the student family's chat template (data/templates.py TEMPLATES; a test keeps the two lists equal);

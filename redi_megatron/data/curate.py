@@ -31,6 +31,8 @@ from redi_megatron.outputs import check_output, discard, publish, staging_dir
 
 from .curate_report import Report, write_outputs
 from .curate_worker import LENGTH_AUTHORS, LENGTH_EXACT, WorkerSpec, init_worker, process_chunk
+from .lengths import RECORD_KEY as LENGTH_RECORD_KEY
+from .lengths import length_record
 from .openr1 import SCHEMAS, RowRules, detect_schema, resolve_rule
 from .readers import file_columns, list_input_files, plan_chunks
 from .templates import (
@@ -62,8 +64,10 @@ class CurationConfig:
     shuffle_seed: Optional[int] = 42  # None keeps the input order
     max_prompt_tokens: Optional[int] = 800
     max_completion_tokens: Optional[int] = 19000
-    # The authors length-filtered the pair set only (their SFT set had no length filter).
-    length_filter: str = "pairs"  # pairs | both | none
+    # "both": positives and pairs within the limits, so every shipped recipe accepts what curation writes
+    # (tests/test_recipes.py checks recipe limits >= these). The authors filtered the pair set only
+    # (their SFT set had no length filter): "pairs" reproduces them exactly.
+    length_filter: str = "both"  # pairs | both | none
     length_measure: str = LENGTH_EXACT  # exact | authors
     outputs: tuple[str, ...] = OUTPUTS
     output_format: str = "hf"  # hf | jsonl
@@ -189,6 +193,8 @@ def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRule
         shutil.rmtree(scratch)
         result = report.to_dict()
         result["chat_template"] = cfg.template().name  # training checks it (data/template_record.py)
+        # the limits applied and what the stored counts mean: training checks lengths from them (data/lengths.py)
+        result[LENGTH_RECORD_KEY] = length_record(cfg, cfg.template(), tok)
         with open(os.path.join(stage, "curation_report.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2, ensure_ascii=False)
         publish(stage, cfg.output)
@@ -246,8 +252,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shuffle", action="store_true", help="keep the input order")
     p.add_argument("--max-prompt-tokens", type=int, default=800, help="<= 0 disables")
     p.add_argument("--max-completion-tokens", type=int, default=19000, help="<= 0 disables")
-    p.add_argument("--length-filter", default="pairs", choices=LENGTH_FILTER_SCOPES,
-                   help="which outputs the token limits apply to")
+    p.add_argument("--length-filter", default="both", choices=LENGTH_FILTER_SCOPES,
+                   help="which outputs the token limits apply to (both: what the shipped recipes accept; "
+                        "pairs: the authors' exact selection, which keeps over-long positives)")
     p.add_argument("--length-measure", default=LENGTH_EXACT, choices=(LENGTH_EXACT, LENGTH_AUTHORS),
                    help="how lengths are counted: the exact templated tokens, or the authors' way")
     p.add_argument("--outputs", nargs="+", default=list(OUTPUTS), choices=OUTPUTS,

@@ -13,6 +13,7 @@ and the format version, so any change rebuilds. Build on one rank first in multi
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -55,7 +56,29 @@ class TokenizedDataset:
         seg = np.diff(offsets).reshape(-1, k)
         self._prompt_len = seg[:, 0]
         self._completion_len = seg[:, 1:]
+        self._rows: Optional[np.ndarray] = None  # stored row of each sample after select(); None = identity
         self.ref_logps = ref_logps
+
+    def select(self, indices: Any) -> "TokenizedDataset":
+        """A view of the samples ``indices`` (int ``[m]``, unique, in the order given), renumbered 0..m-1.
+
+        The cache on disk is untouched (it holds every sample); the view shares its memory map. Sample ids
+        in batches are positions in the view, exactly as if the data had been filtered before tokenizing;
+        ``source_rows()`` maps them back to rows of the stored data."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"select: indices outside [0, {len(self)})")
+        if np.unique(idx).size != idx.size:
+            raise ValueError("select: repeated indices")
+        view = copy.copy(self)
+        view._rows = self.source_rows()[idx]
+        view._prompt_len, view._completion_len = self._prompt_len[idx], self._completion_len[idx]
+        view._ref_logps = None if self._ref_logps is None else self._ref_logps[idx]
+        return view
+
+    def source_rows(self) -> np.ndarray:
+        """Row of the stored (tokenized) data of each sample, int64 ``[n]``."""
+        return np.arange(len(self), dtype=np.int64) if self._rows is None else self._rows.copy()
 
     def __len__(self) -> int:
         return int(self._prompt_len.shape[0])
@@ -91,7 +114,7 @@ class TokenizedDataset:
         return self._completion_len.copy()
 
     def _segment(self, i: int, j: int) -> np.ndarray:
-        s = i * self._k + j
+        s = (i if self._rows is None else int(self._rows[i])) * self._k + j
         return np.asarray(self.tokens[self.offsets[s]:self.offsets[s + 1]], dtype=np.int64)
 
     def __getitem__(self, i: int) -> dict[str, Any]:

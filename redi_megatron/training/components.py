@@ -123,18 +123,27 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         build_sft_dataset,
         load_tokenizer,
     )
+    from redi_megatron.data.lengths import same_lengths, stored_lengths, tokenized_lengths
     from redi_megatron.parallel.collectives import is_global_rank_zero
 
     template = get_template(cfg.data.chat_template)
     tokenizer = load_tokenizer(tokenizer_dir, template)
-    build = partial(build_pair_dataset if spec.normalizer == "pairs" else build_sft_dataset, template=template)
+    pairs = spec.normalizer == "pairs"
+    build = partial(build_pair_dataset if pairs else build_sft_dataset, template=template)
+    rank0 = is_global_rank_zero()
+    # Lengths are checked from curation's stored counts BEFORE tokenizing: a run over the limits is
+    # refused in seconds, not after an hour of tokenization (issue 21). Every rank reads them (cheap).
+    stored, why = stored_lengths(cfg.data.train_path, "pair" if pairs else "sft", template, tokenizer)
+    if stored is not None:
+        apply_overlong(stored, cfg, rank0, announce=False)
+    elif rank0:
+        print(f"length check waits for the tokenized lengths: {why}", flush=True)
     # Rank 0 tokenizes and publishes the on-disk cache (atomic rename); the other ranks wait for it by
     # polling the file system, NOT in a barrier: a collective has a timeout (600 s), and tokenizing a
     # paper-scale set alone takes longer, which killed the run (issue 21).
     # The tokenized cache lives in the run directory (removed with the run), unless $REDI_DATA_CACHE
     # names a shared one.
     cache = os.environ.get("REDI_DATA_CACHE") or os.path.join(cfg.checkpoint.save_dir, "cache", "tokenized")
-    rank0 = is_global_rank_zero()
     dataset = build(cfg.data.train_path, tokenizer, cache_dir=cache, num_proc=cfg.data.num_proc,
                     progress=rank0, wait=not rank0)
     packing = PackingConfig(
@@ -146,6 +155,14 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
         row_shape="step" if cfg.parallel.vpp is not None else "trim",
         microbatch_multiple=cfg.parallel.pp if cfg.parallel.vpp is not None else 1,
         seed=cfg.data.seed)
+    # The tokenized lengths decide (the stored counts were only the early check).
+    lengths = tokenized_lengths(dataset)
+    if stored is not None and rank0 and not same_lengths(stored, lengths):
+        print(f"warning: the token counts stored by redi-curate ({why}) differ from the tokenized lengths; "
+              "the tokenized ones are used", flush=True)
+    keep = apply_overlong(lengths, cfg, rank0, announce=True)
+    if keep is not None:
+        dataset = dataset.select(keep)
     check_lengths(dataset, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampler = PackedStepSampler(dataset, packing, ParallelGroups.rank(groups.dp),
@@ -153,21 +170,27 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
     return dataset, sampler
 
 
-def check_lengths(dataset, cfg: RunConfig) -> None:
-    """``data.max_prompt_tokens`` / ``max_completion_tokens`` are limits the curated data must respect;
-    training neither truncates nor drops, so a violation is an error naming the samples."""
-    import numpy as np
+def apply_overlong(lengths, cfg: RunConfig, rank0: bool, announce: bool):
+    """``data.overlong`` on ``lengths``: raises (``"error"``) or returns the sample ids to keep (``"drop"``;
+    None = all), printing the drop on rank 0 when ``announce``."""
+    from redi_megatron.data.lengths import select_within_limits
 
-    lengths = np.asarray(dataset.seq_lengths())
-    completion = np.asarray(dataset.loss_token_counts())
-    prompt = lengths - completion
-    for what, values, limit in (("prompt", prompt, cfg.data.max_prompt_tokens),
-                                ("completion", completion, cfg.data.max_completion_tokens)):
-        bad = np.nonzero((values > limit).any(axis=1))[0]
-        if bad.size:
-            raise UserError(f"{cfg.data.train_path}: {bad.size} sample(s) have a {what} longer than "
-                             f"data.max_{what}_tokens={limit}, e.g. sample ids {bad[:10].tolist()} "
-                             f"({what} tokens {values[bad[0]].tolist()}); curate with that limit or raise it")
+    d = cfg.data
+    keep, line = select_within_limits(d.train_path, lengths, d.max_prompt_tokens, d.max_completion_tokens,
+                                      d.overlong)
+    if line and announce and rank0:
+        print(line, flush=True)
+    return keep
+
+
+def check_lengths(dataset, cfg: RunConfig) -> None:
+    """``data.max_prompt_tokens`` / ``max_completion_tokens`` are limits the trained samples must respect
+    (training never truncates): a violation is an error naming the samples."""
+    from redi_megatron.data.lengths import select_within_limits, tokenized_lengths
+
+    d = cfg.data
+    select_within_limits(d.train_path, tokenized_lengths(dataset), d.max_prompt_tokens, d.max_completion_tokens,
+                         "error")
 
 
 def total_steps(cfg: RunConfig, steps_per_epoch: int) -> int:
