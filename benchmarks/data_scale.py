@@ -105,7 +105,7 @@ class TreeMonitor(threading.Thread):
     def summary(self) -> dict[str, float]:
         """label -> peak MB (workers: the largest, and how many there were)."""
         out: dict[str, float] = {}
-        workers = [kb for label, kb in self.peak.values() if label == "worker"]
+        workers = [kb for label, kb in self.peak.values() if label == "worker" and kb]  # kb 0: exited unseen
         for label, kb in self.peak.values():
             if label != "worker":
                 out[label] = round(max(out.get(label, 0), kb / 1024), 1)

@@ -50,8 +50,22 @@ def runnable(argv: list[str]) -> list[str]:
     return [sys.executable, "-m", MODULES[argv[0]], *argv[1:], *extra]
 
 
-def _user_files(root: str, tokenizer_dir: str) -> None:
-    """What the README assumes the user has: the raw dataset, the HF model, the recipes."""
+OVER_LONG_WORDS = 33_000  # one token each: a positive over the SFT recipe's 31,968 completion tokens
+
+
+def over_long_rows(n: int) -> list[dict]:
+    """``n`` valid rows whose only (correct) generation is ~33k tokens: positives no recipe accepts."""
+    from redi_megatron.data.synthetic import openr1_row
+
+    return [openr1_row(f"Long problem {k}: what is {k} + 4?", "", str(k + 4),
+                       ["<think>\n" + " step" * OVER_LONG_WORDS + f"\n</think>\n\nThe answer is $\\boxed{{{k + 4}}}$."],
+                       [(True, True, True)], problem_type="Algebra", source="olympiads", synthetic=False)
+            for k in range(n)]
+
+
+def _user_files(root: str, tokenizer_dir: str, over_long: int = 0) -> None:
+    """What the README assumes the user has: the raw dataset, the HF model, the recipes; ``over_long``
+    extra rows with an over-long positive."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
@@ -62,6 +76,7 @@ def _user_files(root: str, tokenizer_dir: str) -> None:
 
     rows, cats = raw_rows(0)
     good = [r for r, c in zip(rows, cats) if not c.startswith("bad")]  # parquet needs one schema per column
+    good += over_long_rows(over_long)
     raw = os.path.join(root, "OpenR1-Math-Raw", "data")  # the dataset's own layout
     os.makedirs(raw)
     pq.write_table(pa.Table.from_pylist(good), os.path.join(raw, "train-00000-of-00001.parquet"))
@@ -111,3 +126,46 @@ def test_readme_real_data_chain_runs_as_written(tmp_path):
     assert (tmp_path / "hf" / "qwen-redi" / "config.json").is_file()
     report = json.loads((tmp_path / "eval" / "qwen-redi" / "report.json").read_text())
     assert sorted(report["benchmarks"]) == sorted(["math500", "aime24", "amc", "minerva", "olympiadbench"])
+
+
+@pytest.mark.slow
+def test_readme_chain_with_over_long_positives_still_trains(tmp_path):
+    """Issue 21: raw data with positives longer than the SFT recipe accepts. Curation as written drops them
+    (its default filter is the recipes' limits) and SFT trains; curated the authors' way (--length-filter
+    pairs) they are kept, the recipe refuses them in one line before tokenizing anything, and
+    data.overlong=drop trains without them."""
+    from redi_megatron.data.templates import qwen_tokenizer_dir
+
+    try:
+        tokenizer_dir = qwen_tokenizer_dir()
+    except FileNotFoundError as e:
+        pytest.skip(f"real Qwen tokenizer files unavailable: {e}")
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        curate, convert, sft = readme_chain(f.read())[:3]
+    _user_files(str(tmp_path), tokenizer_dir, over_long=2)
+    env = dict(os.environ, PYTHONPATH=REPO, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+    def run(argv, *extra, expect=0):
+        r = subprocess.run(runnable(argv) + list(extra), cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=300)
+        assert r.returncode == expect, f"{shlex.join(argv)}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout + r.stderr
+
+    run(curate)
+    report = json.loads((tmp_path / "data" / "openr1_curated" / "curation_report.json").read_text())
+    assert report["outputs"]["positives"]["removed"]["completion_too_long"] == 2
+    run(convert)
+    run(sft)
+    assert (tmp_path / "runs" / "qwen2.5-math-1.5b_sft" / "checkpoints" / "step_0000002").is_dir()
+
+    # the authors' curation keeps them: refused before tokenization, then trained without them
+    run(curate, "--length-filter", "pairs", "--overwrite")
+    report = json.loads((tmp_path / "data" / "openr1_curated" / "curation_report.json").read_text())
+    assert report["outputs"]["positives"]["over_length_limits_but_kept"] == 2
+    refused = run(sft, "checkpoint.save_dir=runs/refused", expect=2)
+    assert "2 sample(s) have a completion longer than data.max_completion_tokens=31968" in refused
+    assert "counts stored by redi-curate" in refused and "Traceback" not in refused
+    assert not (tmp_path / "runs" / "refused" / "cache").exists()  # nothing was tokenized
+    dropped = run(sft, "checkpoint.save_dir=runs/dropped", "data.overlong=drop")
+    assert "data.overlong=drop: dropping 2 of" in dropped
+    assert (tmp_path / "runs" / "dropped" / "checkpoints" / "step_0000002").is_dir()
