@@ -78,9 +78,9 @@ def test_every_numeric_field_has_a_range(cls, name, tp):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("optimizer.lr=.nan", "'optimizer.lr' must be a finite number >0"),
-    ("optimizer.lr=-1e-3", "'optimizer.lr' must be a finite number >0"),
-    ("optimizer.lr=.inf", "'optimizer.lr' must be a finite number >0"),
+    ("optimizer.lr=.nan", "'optimizer.lr' must be a finite number >=0"),
+    ("optimizer.lr=-1e-3", "'optimizer.lr' must be a finite number >=0"),
+    ("optimizer.lr=.inf", "'optimizer.lr' must be a finite number >=0"),
     ("train.epochs=.nan", "'train.epochs' must be a finite number >0"),
     ("checkpoint.save_interval=-4", "'checkpoint.save_interval' must be a finite number >=0"),
     ("checkpoint.keep_last=-1", "'checkpoint.keep_last' must be a finite number >=0"),

@@ -114,7 +114,8 @@ def test_signal_saves_that_step_and_resume_matches_uninterrupted(tiny_train_data
 
 def test_second_run_on_the_same_dir_is_refused_and_a_killed_holder_leaves_no_lock(tiny_train_data, tmp_path):
     save = tmp_path / "run"
-    first = _start(tiny_train_data, save, nproc=1, extra=("train.max_steps=100000",))  # still running
+    # still running when killed: enough epochs that a slow second start cannot see it finish (and save)
+    first = _start(tiny_train_data, save, nproc=1, extra=("train.max_steps=100000", "train.epochs=1000"))
     try:
         _wait_step(first, save, 1)
         second = subprocess.run(_cmd(tiny_train_data, save), cwd=ROOT, env=_env(), capture_output=True,
