@@ -74,11 +74,20 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             d = d.to(mm_dtype)  # no copy in fp32; bf16 like Megatron's logits gradient
             h = h if h.dtype == mm_dtype else h.float()
             torch.mm(d, w_mm, out=grad_hidden[start:end])
-            if mm_dtype == torch.float32:
-                grad_weight.addmm_(d.t(), h)
-            else:
-                grad_weight += d.t() @ h  # bf16 GEMM (fp32 accumulation inside), summed over chunks in fp32
+            _add_weight_grad(grad_weight, d, h)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _add_weight_grad(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc [V/TP, H] += d^T @ h`` for one chunk (``d [c, V/TP]``, ``h [c, H]``). fp32: one in-place addmm.
+    bf16: bf16 GEMMs (fp32 accumulation inside) over blocks of vocabulary rows, each added to the fp32
+    ``acc``, so the GEMM's own output is at most one workspace, not a second ``[V/TP, H]``."""
+    if acc.dtype == d.dtype:
+        acc.addmm_(d.t(), h)
+        return
+    rows = max(1, CHUNK_ELEMENTS // max(1, h.shape[1]))
+    for v0 in range(0, acc.shape[0], rows):
+        acc[v0:v0 + rows] += d[:, v0:v0 + rows].t() @ h
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, valid_local: int) -> torch.Tensor:
