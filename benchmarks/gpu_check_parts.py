@@ -147,7 +147,7 @@ def throughput(loss: str, a, device: torch.device, on_step: Callable[[dict], Non
 
     Per step: seconds, tokens/s, peak memory in the step and memory held after it. Summary: medians,
     model TFLOP/s, and the memory-flatness figure (growth of the memory held after each timed step).
-    ``a.plant == "memory-leak"`` keeps a tensor alive per step (the negative control of that check).
+    ``"memory-leak" in a.plant`` keeps a tensor alive per step (the negative control of that check).
     """
     from redi_megatron.training.components import sequence_multiple
     from redi_megatron.training.step import train_step
@@ -169,7 +169,7 @@ def throughput(loss: str, a, device: torch.device, on_step: Callable[[dict], Non
         metrics = train_step(c, batch)
         sync(device)
         seconds = time.perf_counter() - start
-        if a.plant == "memory-leak":
+        if "memory-leak" in a.plant:
             leak.append(torch.ones(a.leak_mib * 2 ** 18, device=device))  # a.leak_mib MiB of fp32
         tokens = int((batch.microbatches[0].seq_ids >= 0).sum())
         rec = {"part": f"throughput_{loss}", "step": i, "warmup": i < a.warmup, "seconds": seconds,
