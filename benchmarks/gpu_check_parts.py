@@ -8,6 +8,7 @@ returns a JSON-able dict, and drops everything it built before it returns, so th
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import statistics
 import time
@@ -28,6 +29,7 @@ TINY_MODEL = ["model.num_layers=2", "model.hidden_size=256", "model.ffn_hidden_s
               "model.max_position_embeddings=4096"]
 TINY_ROWS = {"sft": 512, "redi": 640}
 GIB = 2 ** 30
+KEEP_ALIVE: Optional[list] = None  # the "keep-model" negative control: components() parks what it built here
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -47,6 +49,26 @@ def mem_now(device: torch.device) -> float:
         pass
     with open("/proc/self/statm") as f:
         return float(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+
+
+def live_bytes(device: torch.device) -> float:
+    """Bytes of tensors still alive: the caching allocator's count on CUDA; on the CPU (where RSS keeps
+    freed pages) the storages of every tensor Python can reach (``gc``), which is exact for a model or
+    optimizer that something still holds."""
+    if device.type == "cuda":
+        return float(torch.cuda.memory_allocated())
+    gc.collect()
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if isinstance(obj, torch.Tensor) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # tensor subclasses without storage
+            continue
+    return float(total)
 
 
 def reset_peak(device: torch.device) -> None:
@@ -88,6 +110,8 @@ def components(cfg, init_seed: Optional[int] = None) -> SimpleNamespace:
         init_by_name(chunks, cfg.model, init_seed, 0, 1)
         optimizer.reload_model_params()
     spec = get_loss(cfg.loss.name)
+    if KEEP_ALIVE is not None:
+        KEEP_ALIVE.append((chunks, optimizer))
     return SimpleNamespace(cfg=cfg, chunks=chunks, optimizer=optimizer, scheduler=scheduler, groups=groups(),
                            model_cfg=cfg.model, loss_spec=spec, use_te=use_te,
                            loss_hparams=spec.make_hparams(cfg.loss.params))

@@ -37,10 +37,11 @@ def test_cpu_smoke_run_writes_the_report_and_passes(tmp_path):
                 "datasheet_tflops", "total_s"):
         assert key in r["meta"]
     assert r["meta"]["tf32_matmul_in_training"] is False
-    expected = {"packed_equals_alone", "planted_attention_leak_detected", "fused_head_matches_unfused",
-                "throughput_sft_finite", "throughput_sft_memory_flat", "throughput_redi_finite",
-                "throughput_redi_memory_flat", "parity_fp32_sft", "parity_fp32_redi", "parity_bf16_sft",
-                "parity_bf16_redi"}
+    expected = {f"{p}_memory_released" for p in PARTS} | {
+        "packed_equals_alone", "planted_attention_leak_detected", "fused_head_matches_unfused",
+        "throughput_sft_finite", "throughput_sft_memory_flat", "throughput_redi_finite",
+        "throughput_redi_memory_flat", "parity_fp32_sft", "parity_fp32_redi", "parity_bf16_sft",
+        "parity_bf16_redi"}
     assert expected <= set(r["checks"]), sorted(r["checks"])
     assert all(c["ok"] for c in r["checks"].values()), r["checks"]
     # throughput: the recipes' settings (rows scaled down by --tiny), per-step records and the summary
@@ -64,14 +65,16 @@ def test_cpu_smoke_run_writes_the_report_and_passes(tmp_path):
 
 
 def test_planted_leaks_make_the_check_fail(tmp_path):
-    """Negative controls: a packed row whose sequences attend to each other, and memory kept alive every
-    step; the check must report both and exit 1 (the other checks still pass)."""
+    """Negative controls: a packed row whose sequences attend to each other, memory kept alive every step,
+    and a part's model kept alive into the next; the check must report each and exit 1 (the others pass)."""
     proc, r = _run(tmp_path, "--parts", "packed_vs_alone,throughput_sft", "--plant", "attention-leak",
-                   "--plant", "memory-leak", "--leak-mib", "64")
+                   "--plant", "memory-leak", "--leak-mib", "64", "--plant", "keep-model")
     assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert r["ok"] is False and "GPU_CHECK FAIL" in proc.stdout
     failed = {k for k, c in r["checks"].items() if not c["ok"]}
-    assert failed == {"packed_equals_alone", "throughput_sft_memory_flat"}, r["checks"]
+    # keep-model: the packed part's model and optimizer stay alive into the next part (main's old REDI run)
+    assert failed == {"packed_equals_alone", "throughput_sft_memory_flat", "throughput_sft_memory_released"}, \
+        r["checks"]
     assert r["parts"]["throughput_sft"]["mem_growth_gib"] >= 0.1  # 64 MiB x 2 more timed steps
 
 
