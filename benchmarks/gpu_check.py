@@ -361,6 +361,7 @@ def main(argv=None) -> int:
             report["checks"].update(checks_for(name, result, a, device))
             derive(report, a)
             report["meta"]["total_s"] = time.perf_counter() - t0
+            report["meta"]["tf32_matmul_at_end"] = torch.backends.cuda.matmul.allow_tf32
             report["ok"] = all(c["ok"] for c in report["checks"].values())
             write_json(json_path, report)
         if ref_job is not None and ref_job[0].poll() is None:

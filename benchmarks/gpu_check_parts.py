@@ -295,12 +295,16 @@ def fused_head(a, device: torch.device) -> dict:
     mask = torch.ones(1, tokens, device=device)
     reps = 1 if a.quick else 3
     res = {}
-    for fused in (True, False):
-        runs = [_head_once(fused, hidden, weight, targets, mask, m.vocab_size, device) for _ in range(reps + 1)]
-        res[fused] = runs[-1], statistics.median(r[0] for r in runs[1:]), max(
-            (r[1] for r in runs if r[1] is not None), default=None)
-    (_, _, lp_f, gh_f, gw_f), t_f, p_f = res[True]
-    (_, _, lp_u, gh_u, gw_u), t_u, p_u = res[False]
+    for fused in (True, False):  # one untimed run first; only the last run's outputs are kept
+        times, peaks, last = [], [], None
+        for _ in range(reps + 1):
+            last = None
+            seconds, peak, *last = _head_once(fused, hidden, weight, targets, mask, m.vocab_size, device)
+            times.append(seconds)
+            peaks.append(peak)
+        res[fused] = last, statistics.median(times[1:]), None if peaks[0] is None else max(peaks)
+    (lp_f, gh_f, gw_f), t_f, p_f = res[True]
+    (lp_u, gh_u, gw_u), t_u, p_u = res[False]
     rel = lambda x, y: float((x.float() - y.float()).norm() / y.float().norm().clamp_min(1e-30))  # noqa: E731
     return {"tokens": tokens, "vocab": m.vocab_size, "padded_vocab": m.padded_vocab_size(), "hidden": m.hidden_size,
             "fused_s": t_f, "unfused_s": t_u, "fused_over_unfused_time": t_f / t_u,
