@@ -359,16 +359,19 @@ def mutate(mb, how: Optional[str]):
     raise ValueError(how)
 
 
-def per_sequence_diffs(packed: torch.Tensor, mb, alone: list[torch.Tensor], alone_mbs: list) -> list[dict]:
-    """Per sequence: RMS and max |diff| of its per-token log-probs (packed row vs alone) over its loss
-    tokens, and the diff of its mean log-prob per token (what REDI's length-normalised loss sees)."""
+def sequence_values(row_lp: torch.Tensor, mb) -> list[torch.Tensor]:
+    """Each sequence's per-token log-probs at its loss tokens, in order, from a row's ``[T]`` log-probs."""
+    return [row_lp[(mb.seq_ids[0] == i) & (mb.loss_mask[0] > 0)] for i in range(mb.num_sequences)]
+
+
+def per_sequence_diffs(got: list[torch.Tensor], ref: list[torch.Tensor]) -> list[dict]:
+    """Per sequence: RMS and max |diff| of its per-token log-probs (``got`` vs ``ref``) over its loss tokens,
+    and the diff of its mean log-prob per token (what REDI's length-normalised loss sees)."""
     rows = []
-    for i, (lp, amb) in enumerate(zip(alone, alone_mbs)):
-        sel = (mb.seq_ids[0] == i) & (mb.loss_mask[0] > 0)
-        x, y = packed[sel], lp[amb.loss_mask[0] > 0]
+    for i, (x, y) in enumerate(zip(got, ref)):
         d = x - y
-        rows.append({"seq": i, "tokens": int(sel.sum()), "rms": float(d.pow(2).mean().sqrt()),
-                     "max_abs": float(d.abs().max()), "mean_logp_alone": float(y.mean()),
+        rows.append({"seq": i, "tokens": int(x.numel()), "rms": float(d.pow(2).mean().sqrt()),
+                     "max_abs": float(d.abs().max()), "mean_logp_ref": float(y.mean()),
                      "mean_logp_diff": float(x.mean() - y.mean())})
     return rows
 
