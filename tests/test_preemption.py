@@ -94,8 +94,7 @@ def test_signal_saves_that_step_and_resume_matches_uninterrupted(tiny_train_data
             os.kill(proc.pid, signal.SIGTERM)
         log, _ = proc.communicate(timeout=120)
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
     marker = json.loads((save / "preempted.json").read_text())
     step = marker["step"]
     assert 3 <= step < STEPS, log[-3000:]
@@ -125,7 +124,7 @@ def test_second_run_on_the_same_dir_is_refused_and_a_killed_holder_leaves_no_loc
         assert f"pid {holder}" in second.stdout + second.stderr
         os.kill(holder, signal.SIGKILL)  # a crash of the lock holder: kill -9, no chance to clean up
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # the agent (its workers run in their own sessions)
+        _kill_tree(first)  # the agent and its workers (which run in their own sessions)
         first.communicate()
     assert not (save / "checkpoints").exists() or not _checkpoints(save)
     steps_before = _losses(save)
@@ -134,6 +133,19 @@ def test_second_run_on_the_same_dir_is_refused_and_a_killed_holder_leaves_no_loc
                            text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert sorted(_losses(save)) == list(range(1, STEPS + 1))
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL every process under the agent by pid, then the agent: torchrun starts each worker in its own
+    session, so killing the agent's process group alone would leave a failed test's workers running."""
+    if proc.poll() is not None:
+        return
+    for pid in _descendants(proc.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(proc.pid, signal.SIGKILL)
 
 
 def _descendants(pid: int) -> list[int]:
@@ -176,8 +188,7 @@ def test_signals_during_the_save_leave_complete_checkpoints(tiny_train_data, ref
             time.sleep(0.02)
         log = proc.communicate(timeout=120)[0]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        _kill_tree(proc)
     assert sent > 20 and helpers, (sent, helpers)  # the writer's helpers were hit too, many times
     marker = json.loads((save / "preempted.json").read_text())
     step = marker["step"]
