@@ -175,8 +175,8 @@ def test_signals_during_the_save_leave_complete_checkpoints(tiny_train_data, ref
     sent, helpers = 0, set()
     try:
         _wait_step(proc, save, 3)
+        workers = {_worker(proc.pid, 0), _worker(proc.pid, 1)}  # before they start exiting
         os.kill(proc.pid, signal.SIGTERM)
-        workers = {_worker(proc.pid, 0), _worker(proc.pid, 1)}
         while proc.poll() is None:
             for i, pid in enumerate(_descendants(proc.pid)):
                 try:
