@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="torchrun workers per node [local: 1; slurm: --gpus-per-node, else 1]")
     p.add_argument("--nodes", type=int, default=1, help="slurm: number of nodes (one torchrun agent each)")
-    p.add_argument("--account", default=None, help="slurm: --account (required by SlurmExecutor; '' for none)")
+    p.add_argument("--account", default=None, help="slurm: --account (omit where the cluster has none)")
     p.add_argument("--partition", default=None, help="slurm: --partition")
     p.add_argument("--gpus-per-node", type=int, default=None, help="slurm: --gpus-per-node (omit on CPU nodes)")
     p.add_argument("--time", default="04:00:00", help="slurm: --time [04:00:00]")
@@ -68,8 +68,6 @@ def _check(args: argparse.Namespace) -> Any:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
     if args.executor == "local" and args.nodes != 1:
         raise UserError("--nodes > 1 needs --executor slurm (the local executor runs on this machine)")
-    if args.executor == "slurm" and args.account is None:
-        raise UserError("--executor slurm needs --account (pass --account '' where the cluster has none)")
     for item in args.env:
         if "=" not in item:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
@@ -107,7 +105,8 @@ def make_executor(args: argparse.Namespace) -> Any:
         srun_args = [f"--chdir={workdir}"]
     job_dir = os.path.join(_base_dir(args), "experiments") if args.job_dir else ""
     return run.SlurmExecutor(
-        account=args.account, partition=args.partition, nodes=args.nodes, ntasks_per_node=_nproc(args),
+        account=args.account,  # None: no #SBATCH --account line
+        partition=args.partition, nodes=args.nodes, ntasks_per_node=_nproc(args),
         gpus_per_node=args.gpus_per_node, time=args.time, container_image=args.container_image,
         container_mounts=mounts, srun_args=srun_args, launcher=launcher,
         tunnel=run.LocalTunnel(job_dir=job_dir),
@@ -145,9 +144,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         exp.run(detach=args.detach)
     # Leaving the block waited for the job (unless detached); its state is final now.
     job = exp.jobs[0]
-    if args.detach:
-        print(f"redi-launch: submitted {name} (experiment {exp_id}, {job.handle}); "
-              f"status: nemo experiment status {exp_id}")
+    if args.detach:  # the handle is scheduler://session/APP_ID/ROLE; APP_ID is the Slurm job id
+        app_id = (job.handle or "").partition("://")[2].split("/")[1:2]
+        print(f"redi-launch: submitted {name}: job {''.join(app_id) or '?'} (experiment {exp_id}; "
+              f"logs in {job.executor.job_dir}); status: nemo experiment status {exp_id}")
         return 0
     print(f"redi-launch: {name} ended {job.state.name} (experiment {exp_id}; logs in {job.executor.job_dir})")
     return 0 if job.state.name == "SUCCEEDED" else 1
