@@ -97,9 +97,8 @@ def test_slurm_executor_local_tunnel_two_nodes_match_direct_torchrun(tiny_train_
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     job = int(re.search(r"redi-launch: submitted \S+: job (\d+) ", out.stdout).group(1))
     states = wait_jobs([job], timeout=300)
-    logs = _logs(job_dir)
-    assert states == {job: "COMPLETED"}, logs[-4000:]
-    info = job_info(job)
+    logs, info = _logs(job_dir), job_info(job)
+    assert states == {job: "COMPLETED"}, f"{info}\n{logs[-4000:]}"
     assert info["NumNodes"] == "2" and info["NodeList"] == "n[1-2]", info
     sbatch = "".join(p.read_text() for p in job_dir.rglob("*.sh"))
     assert "torchrun" in sbatch and "--nnodes 2" in sbatch and "--nproc-per-node 1" in sbatch, sbatch
