@@ -67,16 +67,23 @@ def reference(tiny_train_data, tmp_path_factory):
     return losses
 
 
-def test_a_bad_override_is_refused_before_anything_is_launched(tmp_path):
-    out = _launch(["optimizer.lrr=1", "--job-dir", str(tmp_path / "nr")], cwd=tmp_path, timeout=120)
+@pytest.mark.parametrize("args, message", [
+    (["optimizer.lrr=1"], "optimizer.lrr"),
+    # NeMo-Run rewrites "/nemo_run" in a container-less sbatch script: refused, not submitted broken
+    (["--executor", "slurm", "--job-dir", "{tmp}/nemo_run/jobs"], "contains '/nemo_run'"),
+    (["--executor", "local", "--nodes", "2"], "--nodes > 1 needs --executor slurm"),
+])
+def test_bad_input_is_refused_before_anything_is_launched(tmp_path, args, message):
+    out = _launch(["--job-dir", str(tmp_path / "nr")] + [a.replace("{tmp}", str(tmp_path)) for a in args],
+                  cwd=tmp_path, timeout=120)  # a later --job-dir wins
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stderr.startswith("redi-launch: error: ") and "optimizer.lrr" in out.stderr
+    assert out.stderr.startswith("redi-launch: error: ") and message in out.stderr, out.stderr
     assert len(out.stderr.strip().splitlines()) == 1, out.stderr
-    assert not (tmp_path / "nr").exists()  # no experiment was created
+    assert not (tmp_path / "nr").exists() and not (tmp_path / "nemo_run").exists()  # no experiment was created
 
 
 def test_local_executor_two_torchrun_workers_match_direct_torchrun(tiny_train_data, reference, tmp_path):
-    save, job_dir = tmp_path / "run", tmp_path / "nemo_run"
+    save, job_dir = tmp_path / "run", tmp_path / "nr"
     out = _launch([*_overrides(tiny_train_data, save), "--executor", "local", "--nproc-per-node", "2",
                    "--rdzv-port", _port(), "--job-dir", str(job_dir)], cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -89,7 +96,7 @@ def test_local_executor_two_torchrun_workers_match_direct_torchrun(tiny_train_da
 @pytest.mark.slurm
 def test_slurm_executor_local_tunnel_two_nodes_match_direct_torchrun(tiny_train_data, reference, tmp_path):
     env = _env(require_cluster())
-    save, job_dir = tmp_path / "run", tmp_path / "nemo_run"
+    save, job_dir = tmp_path / "run", tmp_path / "nr"  # not ".../nemo_run/...": see the refusal above
     # --detach: NeMo-Run follows a Slurm job with sacct, and the CI cluster has no accounting database.
     out = _launch([*_overrides(tiny_train_data, save), "--executor", "slurm", "--nodes", "2",
                    "--nproc-per-node", "1", "--gpus-per-node", "1", "--time", "00:10:00", "--rdzv-port", _port(),

@@ -68,6 +68,15 @@ def _check(args: argparse.Namespace) -> Any:
             raise UserError(f"--{flag.replace('_', '-')} must be >= 1 (got {value})")
     if args.executor == "local" and args.nodes != 1:
         raise UserError("--nodes > 1 needs --executor slurm (the local executor runs on this machine)")
+    if args.executor == "slurm" and not args.container_image:
+        # NeMo-Run writes its sbatch script for a container's /nemo_run mount and, without a container,
+        # replaces every "/nemo_run" in the script by the job's directory: such a path would be rewritten.
+        paths = [("--job-dir", args.job_dir), ("--workdir", args.workdir or os.getcwd()),
+                 ("--config", str(Path(args.config).resolve()))] + [("override", o) for o in args.overrides]
+        for what, value in paths:
+            if value and "/nemo_run" in value:
+                raise UserError(f"{what} {value!r} contains '/nemo_run', which NeMo-Run's SlurmExecutor rewrites "
+                                "in its sbatch script when there is no container; use another directory name")
     for item in args.env:
         if "=" not in item:
             raise UserError(f"--env {item!r}: expected KEY=VALUE")
