@@ -98,7 +98,8 @@ def test_slurm_executor_local_tunnel_two_nodes_match_direct_torchrun(tiny_train_
     env = _env(require_cluster())
     save, job_dir = tmp_path / "run", tmp_path / "nr"  # not ".../nemo_run/...": see the refusal above
     # --detach: NeMo-Run follows a Slurm job with sacct, and the CI cluster has no accounting database.
-    out = _launch([*_overrides(tiny_train_data, save), "--executor", "slurm", "--nodes", "2",
+    # save_dir relative: the job must run in the directory redi-launch was started from (srun --chdir)
+    out = _launch([*_overrides(tiny_train_data, "run"), "--executor", "slurm", "--nodes", "2",
                    "--nproc-per-node", "1", "--gpus-per-node", "1", "--time", "00:10:00", "--rdzv-port", _port(),
                    "--job-dir", str(job_dir), "--detach"], cwd=tmp_path, env=env, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
