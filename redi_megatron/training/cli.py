@@ -37,6 +37,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from redi_megatron.losses.registry import get_loss
 
         get_loss(cfg.loss.name).make_hparams(cfg.loss.params)  # a loss typo fails before Megatron starts
+        from redi_megatron.training.preflight import preflight
+
+        preflight(cfg)  # inputs that do not fit each other, too
         from redi_megatron.training.trainer import train
 
         summary = train(cfg)

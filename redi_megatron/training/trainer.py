@@ -23,6 +23,7 @@ from redi_megatron.training.components import (
     validate,
     with_model,
 )
+from redi_megatron.training.preflight import check_tokenizer_fits
 
 
 def _init_groups(cfg: RunConfig):
@@ -67,6 +68,7 @@ def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple
 
     model_cfg, spec, hparams = validate(cfg, world_size())
     tokenizer_dir = resolve_tokenizer_dir(cfg)
+    check_tokenizer_fits(cfg, model_cfg, tokenizer_dir)  # also run by redi-train before Megatron is imported
     grps = _init_groups(cfg)
     if stack is not None:
         _lock_run_dir(cfg.checkpoint.save_dir, stack)
