@@ -49,3 +49,46 @@ def test_a_tokenizer_that_fits_passes(tiny_train_data):
     check_tokenizer_fits(cfg, ModelConfig(vocab_size=300), tiny_train_data["tokenizer"])  # every id has a row
     with pytest.raises(UserError, match="has 300 token ids .* has 299"):
         check_tokenizer_fits(cfg, ModelConfig(vocab_size=299), tiny_train_data["tokenizer"])
+
+
+@pytest.mark.parametrize("loss,data,holds", [("sft", "pairs", "preference pairs"), ("redi", "positives", "positives")])
+def test_the_wrong_kind_of_data_for_the_loss_is_refused_before_tokenizing(tiny_train_data, tmp_path, loss, data,
+                                                                          holds):
+    r = _train(tmp_path, f"data.train_path={tiny_train_data[data]}", f"data.tokenizer={tiny_train_data['tokenizer']}",
+               f"loss.name={loss}")
+    err = _refused(r, tmp_path)
+    assert f"data.train_path={tiny_train_data[data]!r} holds {holds}" in err and f"loss.name={loss!r}" in err, err
+    assert "row 0" in err, err
+
+
+def test_data_kind_reads_columns_of_jsonl_and_hf_dirs(tiny_train_data, tmp_path):
+    import json
+
+    from redi_megatron.data.data_kind import data_kind
+
+    assert data_kind(tiny_train_data["pairs"])[0] == "pairs"
+    assert data_kind(tiny_train_data["positives"])[0] == "positives"
+    hf = tmp_path / "dd"
+    (hf / "train").mkdir(parents=True)
+    (hf / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
+    (hf / "train" / "dataset_info.json").write_text(json.dumps({"features": {"problem": {}, "chosen": {}}}))
+    assert data_kind(str(hf)) == ("pairs", f"{hf} (dataset_info.json)")
+    (hf / "train" / "dataset_info.json").write_text(json.dumps({"features": {"messages": {}}}))
+    assert data_kind(str(hf))[0] == "positives"
+    (tmp_path / "odd.jsonl").write_text('{"text": "x"}\n')
+    assert data_kind(str(tmp_path / "odd.jsonl"))[0] is None  # unknown columns: left to the tokenizer
+
+
+def test_the_right_kind_passes_for_every_pair_loss(tiny_train_data):
+    from redi_megatron.config.loader import apply_overrides
+    from redi_megatron.config.schema import RunConfig
+    from redi_megatron.errors import UserError
+    from redi_megatron.training.preflight import check_data_kind
+
+    for loss in ("redi", "dpo", "simpo"):
+        pairs = f"data.train_path={tiny_train_data['pairs']}"
+        check_data_kind(apply_overrides(RunConfig(), [f"loss.name={loss}", pairs]))
+        with pytest.raises(UserError, match="holds positives"):
+            check_data_kind(apply_overrides(RunConfig(), [f"loss.name={loss}",
+                                                          f"data.train_path={tiny_train_data['positives']}"]))
+    check_data_kind(apply_overrides(RunConfig(), [f"data.train_path={tiny_train_data['positives']}"]))  # sft

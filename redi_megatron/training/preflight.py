@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from redi_megatron.config.schema import RunConfig
+from redi_megatron.data.data_kind import PAIRS, data_kind
 from redi_megatron.data.templates import tokenizer_id_bound
 from redi_megatron.errors import UserError
 from redi_megatron.models.config import ModelConfig
@@ -18,6 +19,7 @@ def preflight(cfg: RunConfig) -> None:
 
     if not (cfg.data.train_path and os.path.exists(cfg.data.train_path)):
         return  # components.validate names that, first thing in setup
+    check_data_kind(cfg)
     check_tokenizer_fits(cfg, resolve_model_config(cfg), resolve_tokenizer_dir(cfg))
 
 
@@ -33,3 +35,19 @@ def check_tokenizer_fits(cfg: RunConfig, model_cfg: ModelConfig, tokenizer_dir: 
     raise UserError(f"{tokenizer_dir}: the tokenizer ({tok_key}) has {ids} token ids but the model's vocabulary "
                     f"({model_key}) has {model_cfg.vocab_size} ({model_cfg.padded_vocab_size(cfg.parallel.tp)} "
                     f"rows padded); use the model's own tokenizer or a model with a vocabulary of at least {ids}")
+
+
+def check_data_kind(cfg: RunConfig) -> None:
+    """Pairs given to a per-sequence loss (SFT) or positives given to a pair loss (REDI, DPO, SimPO) fail
+    only at tokenizing ("row 0: chosen is missing"); the columns tell before anything is read in full."""
+    from redi_megatron.losses.registry import get_loss
+
+    spec = get_loss(cfg.loss.name)
+    wants = PAIRS if spec.normalizer == "pairs" else "positives"
+    kind, where = data_kind(cfg.data.train_path)
+    if kind is None or kind == wants:
+        return
+    what = {PAIRS: "preference pairs (chosen/rejected)", "positives": "positives (problem + completion)"}
+    raise UserError(f"data.train_path={cfg.data.train_path!r} holds {what[kind]} ({where}) but loss.name="
+                    f"{cfg.loss.name!r} trains on {what[wants]}: point data.train_path at the curated "
+                    f"{wants} (redi-curate writes {PAIRS}/ and positives/ side by side) or change loss.name")

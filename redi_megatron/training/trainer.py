@@ -23,7 +23,7 @@ from redi_megatron.training.components import (
     validate,
     with_model,
 )
-from redi_megatron.training.preflight import check_tokenizer_fits
+from redi_megatron.training.preflight import check_data_kind, check_tokenizer_fits
 
 
 def _init_groups(cfg: RunConfig):
@@ -68,7 +68,8 @@ def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple
 
     model_cfg, spec, hparams = validate(cfg, world_size())
     tokenizer_dir = resolve_tokenizer_dir(cfg)
-    check_tokenizer_fits(cfg, model_cfg, tokenizer_dir)  # also run by redi-train before Megatron is imported
+    check_data_kind(cfg)  # these two are also run by redi-train before Megatron is imported
+    check_tokenizer_fits(cfg, model_cfg, tokenizer_dir)
     grps = _init_groups(cfg)
     if stack is not None:
         _lock_run_dir(cfg.checkpoint.save_dir, stack)
