@@ -10,7 +10,7 @@ import os
 from typing import Any, Optional
 
 from redi_megatron.config.schema import RunConfig
-from redi_megatron.errors import UserError
+from redi_megatron.errors import SharedError, UserError
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.training import checkpointing as ckpt
 from redi_megatron.training.components import (
@@ -57,7 +57,7 @@ def _lock_run_dir(save_dir: str, stack: contextlib.ExitStack) -> None:
             refused = str(err)
     refused = broadcast_object(refused)
     if refused:
-        raise UserError(refused)
+        raise SharedError(refused)
 
 
 def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple[Components, Optional[dict]]:
