@@ -38,6 +38,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, list(args.overrides))
         if args.no_resume:
             cfg.checkpoint.resume = False
+        _check_loss_name(cfg.loss.name)
         from redi_megatron.losses.registry import get_loss
 
         get_loss(cfg.loss.name).make_hparams(cfg.loss.params)  # a loss typo fails before Megatron starts
@@ -68,6 +69,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     say(f"redi-train: done, {summary['last_step']}/{summary['total_steps']} steps; "
         f"checkpoint {summary['last_checkpoint']}", stream=sys.stdout)
     return 0
+
+
+def _check_loss_name(name: str) -> None:
+    """A ``loss.name`` typo, refused before torch is imported (the registry does: a loss registered by the
+    caller is in its registry, which is then already imported); the registry's own message."""
+    from redi_megatron.config.schema import BUILTIN_LOSSES
+
+    if name in BUILTIN_LOSSES or "redi_megatron.losses.registry" in sys.modules:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(str(name), BUILTIN_LOSSES, n=1)
+    hint = f"; did you mean 'loss.name={close[0]}'?" if close else ""
+    raise UserError(f"'loss.name': unknown loss {name!r}{hint} Known losses: {', '.join(BUILTIN_LOSSES)}")
 
 
 def _print_error(err: UserError) -> None:
