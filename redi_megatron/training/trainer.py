@@ -111,8 +111,11 @@ def _announce_resume(cfg: RunConfig, model_cfg, path) -> None:
     from redi_megatron.parallel.collectives import is_global_rank_zero
     from redi_megatron.training.resume import check_resume_config
 
-    applied = check_resume_config(read_meta(path).get("run_config", {}), to_dict(with_model(cfg, model_cfg)),
-                                  str(path))
+    try:
+        applied = check_resume_config(read_meta(path).get("run_config", {}), to_dict(with_model(cfg, model_cfg)),
+                                      str(path))
+    except UserError as err:  # the same config and checkpoint on every rank: redi-train says it once
+        raise SharedError(str(err)) from None
     if is_global_rank_zero():
         print(f"redi-train: resuming from {path.name} ({path})", flush=True)
         for line in applied:
