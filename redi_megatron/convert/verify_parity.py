@@ -111,7 +111,8 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
 
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     config = _hf_config_like(hf_dir, cfg)
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, **{key: torch_dtype}).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, use_safetensors=True,
+                                              **{key: torch_dtype}).eval()
     if hf.config.vocab_size != cfg.vocab_size:
         raise UserError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
                          f"{cfg.vocab_size}")
