@@ -57,9 +57,9 @@ setup(
             "redi-eval=redi_megatron.eval.cli:main",
             "redi-demo=redi_megatron.demo.cli:main",
             "redi-plot=redi_megatron.training.plot:main",
-            "redi-hf-to-megatron=redi_megatron.convert.hf_to_megatron:main",
-            "redi-megatron-to-hf=redi_megatron.convert.megatron_to_hf:main",
-            "redi-verify-parity=redi_megatron.convert.verify_parity:main",
+            "redi-hf-to-megatron=redi_megatron.convert.cli:hf_to_megatron",
+            "redi-megatron-to-hf=redi_megatron.convert.cli:megatron_to_hf",
+            "redi-verify-parity=redi_megatron.convert.cli:verify_parity",
         ]
     },
 )

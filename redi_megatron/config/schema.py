@@ -24,6 +24,11 @@ class DataConfig:
     chat_template: Literal["qwen2.5-math", "qwen3", "llama3", "r1-distill"] = "qwen2.5-math"
 
 
+# The losses redi_megatron/losses registers (tests/test_newcomer.py keeps this equal to its registry): redi-train
+# refuses a loss.name typo against it before torch is imported.
+BUILTIN_LOSSES = ("dpo", "redi", "sft", "simpo")
+
+
 @dataclass
 class LossConfig:
     name: str = "sft"                    # a name in redi_megatron.losses.registry
