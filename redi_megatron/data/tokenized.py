@@ -43,6 +43,33 @@ def default_cache_dir() -> str:
     return os.environ.get("REDI_DATA_CACHE", default)
 
 
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def shared_cache_dir(cache_dir: str, train_path: str, fallback: str, announce: bool = True) -> str:
+    """The tokenized cache root a run uses: ``cache_dir`` when set; else ``$REDI_DATA_CACHE``; else
+    ``tokenized/`` beside the curated data (``dirname(train_path)``: positives and pairs curated together
+    share it, so stage 2 and the other losses reuse what stage 1 or ``redi-tokenize`` built); else, when
+    that directory is not writable, ``fallback`` (one printed line says so when ``announce``)."""
+    if cache_dir:
+        return cache_dir
+    if os.environ.get("REDI_DATA_CACHE"):
+        return os.environ["REDI_DATA_CACHE"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(train_path.rstrip("/"))), "tokenized")
+    if _writable_dir(beside):
+        return beside
+    if announce:
+        print(f"tokenized cache: {beside} is not writable; using {fallback} (set data.cache_dir to share one)",
+              flush=True)
+    return fallback
+
+
 class TokenizedDataset:
     """Samples of prompt/completion token ids. ``kind`` is ``"sft"`` or ``"pair"``."""
 
