@@ -260,7 +260,10 @@ def _build_entry(kind: str, path: str, tokenizer: Any, template: TemplateConfig,
     shard_dir = os.path.join(building, "shards")
     if not os.path.exists(os.path.join(building, "meta.json")):  # else: killed between meta and rename
         os.makedirs(shard_dir, exist_ok=True)
-        prog = _Progress(kind, count_rows(path) if progress else None, progress)
+        total = count_rows(path)
+        if total is not None:  # a pool cannot help with fewer shards than workers (tiny sets: no spawn)
+            num_proc = max(1, min(num_proc, -(-total // shard_rows)))
+        prog = _Progress(kind, total, progress)
         if progress:
             print(f"tokenize {kind}: {path} -> {final} ({num_proc} worker(s), {shard_rows} rows a shard)",
                   flush=True)
