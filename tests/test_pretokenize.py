@@ -174,3 +174,27 @@ def test_two_rank_run_reaches_its_first_step_while_rank0_tokenizes_slowly(tiny_t
                          capture_output=True, text=True, timeout=300)
     assert tok.returncode == 0 and str(entry) in tok.stdout, tok.stdout + tok.stderr
     assert "tokenize sft:" not in tok.stdout and (entry / "meta.json").stat().st_mtime_ns == mtime
+
+
+def test_curate_tokenize_builds_what_the_trainer_opens(tiny_train_data, tmp_path, monkeypatch):
+    """redi-curate --tokenize writes the caches beside its outputs; the SFT and REDI runs then build nothing."""
+    from redi_megatron.config.loader import load_config
+    from redi_megatron.data.curate import CurationConfig, curate
+    from redi_megatron.training.tokenize_cli import tokenize_for_run
+
+    monkeypatch.delenv("REDI_DATA_CACHE", raising=False)
+    out = tmp_path / "curated"
+    curate(CurationConfig(input=str(tiny_train_data["root"] / "raw.jsonl"), output=str(out),
+                          tokenizer=tiny_train_data["tokenizer"], num_proc=1, progress=False, output_format="jsonl",
+                          max_prompt_tokens=200, max_completion_tokens=400, length_filter="both", tokenize=True))
+    assert sorted(p.name.split("-")[0] for p in (out / "tokenized").iterdir() if not p.name.startswith(".")) == \
+        ["pair", "sft"]
+    built = []
+    orig = pt._build_entry
+    monkeypatch.setattr(pt, "_build_entry", lambda kind, *a, **k: (built.append(kind), orig(kind, *a, **k))[1])
+    for recipe, data in (("tiny_cpu_sft.yaml", "positives.jsonl"), ("tiny_cpu_redi.yaml", "pairs.jsonl")):
+        cfg = load_config(str(ROOT / "examples/configs" / recipe),
+                          [f"data.train_path={out / data}", f"data.tokenizer={tiny_train_data['tokenizer']}",
+                           f"checkpoint.save_dir={tmp_path / 'run'}"])
+        tokenize_for_run(cfg, progress=False)
+    assert built == []

@@ -75,6 +75,8 @@ class CurationConfig:
     overwrite: bool = False
     progress: bool = True
     chat_template: str = DEFAULT_TEMPLATE  # a name in data.templates.TEMPLATES; recorded in curation_report.json
+    # also build the tokenized caches of the outputs (the ones redi-train opens); off by default (docs/data.md)
+    tokenize: bool = False
 
     def validate(self) -> None:
         """ValueError naming the offending field."""
@@ -163,7 +165,27 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     with exclusive(lock_path_for(cfg.output), f"--output {cfg.output}"):
         report, result = _curate_locked(cfg, files, schema, rules, tokenizer)
     report.print_summary()
+    if cfg.tokenize:
+        tokenize_outputs(cfg, tokenizer)
     return result
+
+
+def tokenize_outputs(cfg: CurationConfig, tokenizer: Any = None) -> list[str]:
+    """Build the tokenized cache entries of the curated outputs where ``redi-train`` will look for them
+    (``$REDI_DATA_CACHE``, else ``tokenized/`` beside them). Returns the entry directories."""
+    from .pretokenize import pretokenize
+    from .tokenized import KIND_PAIR, KIND_SFT, shared_cache_dir
+
+    template = cfg.template()
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, template)
+    entries = []
+    for name in cfg.outputs:
+        path = os.path.join(cfg.output, f"{name}.jsonl" if cfg.output_format == "jsonl" else name)
+        root = shared_cache_dir("", path, os.path.join(cfg.output, "tokenized"), announce=cfg.progress)
+        ds = pretokenize(KIND_PAIR if name == "pairs" else KIND_SFT, path, tok, template, root, cfg.num_proc,
+                         cfg.progress)
+        entries.append(ds.cache_path)
+    return entries
 
 
 def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRules,
@@ -273,6 +295,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-proc", type=int, default=0,
                    help="worker processes; 0 (default) = usable cores, bounded by available memory at ~0.3 GB each")
     p.add_argument("--rows-per-chunk", type=int, default=512, help="rows per worker task")
+    p.add_argument("--tokenize", action="store_true",
+                   help="also build the outputs' tokenized caches (tokenized/ beside them, or $REDI_DATA_CACHE), "
+                        "the ones redi-train opens with the same tokenizer and template (docs/data.md)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (kept until the new one is complete)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -293,7 +318,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> CurationConfig:
         output_format=a.output_format, system_prompt=a.system_prompt or None,
         eos_token=None if a.eos_token == "tokenizer" else a.eos_token, strict=a.strict,
         num_proc=a.num_proc, rows_per_chunk=a.rows_per_chunk, overwrite=a.overwrite, progress=a.progress,
-        chat_template=a.chat_template,
+        chat_template=a.chat_template, tokenize=a.tokenize,
     )
 
 
