@@ -198,3 +198,25 @@ def test_curate_tokenize_builds_what_the_trainer_opens(tiny_train_data, tmp_path
                            f"checkpoint.save_dir={tmp_path / 'run'}"])
         tokenize_for_run(cfg, progress=False)
     assert built == []
+
+
+def test_a_second_builder_waits_for_the_lock_holder_then_builds(data, tmp_path):
+    """Two runs started together on one curated directory: the second waits (no refusal, no timeout) and
+    builds (resuming) once the holder is gone without publishing."""
+    import threading
+    import time
+
+    from redi_megatron.locks import exclusive
+
+    cache = str(tmp_path / "cache")
+    final = pt.cache_entry("sft", str(data / "pos.jsonl"), a_tok(data), TemplateConfig(), cache)
+    key = os.path.basename(final).split("-", 1)[1]
+    got = {}
+    with exclusive(os.path.join(cache, f".building-{key}.lock"), "test holder"):
+        t = threading.Thread(target=lambda: got.update(ds=pt.pretokenize(
+            "sft", str(data / "pos.jsonl"), str(data / "tok"), TemplateConfig(), cache, 1, False)))
+        t.start()
+        time.sleep(2.0)
+        assert t.is_alive() and not os.path.exists(final)  # waiting, not refused, not building
+    t.join(timeout=60)
+    assert not t.is_alive() and got["ds"].cache_path == final and len(got["ds"]) == 47

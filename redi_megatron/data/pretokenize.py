@@ -9,8 +9,9 @@ are then streamed, in order, into the memmap format the trainer reads (``tokens.
 renamed into place. The output is byte-identical whatever ``num_proc`` or ``shard_rows``.
 
 The building directory's name is deterministic (``.building-<key>``) and guarded by an flock
-(``redi_megatron.locks``): a second builder of the same entry is refused in one line, a killed builder
-leaves no lock behind, only its finished shards.
+(``redi_megatron.locks``): a second builder of the same entry (two runs started together on one curated
+directory) waits for the first and takes over, resuming, if the first dies; a killed builder leaves no
+lock behind, only its finished shards.
 """
 from __future__ import annotations
 
@@ -229,7 +230,8 @@ def pretokenize(kind: str, path: str, tokenizer: Any, template: TemplateConfig, 
     ``kind``: ``"sft"`` or ``"pair"``. ``tokenizer``: a fast HF tokenizer or its directory.
     ``num_proc``: worker processes, 0 = what the cores and memory allow (``resources.worker_count``).
     Resumable: a rerun after a kill skips the finished shards.
-    A second builder of the same entry is refused (UserError) while the first one runs.
+    A second builder of the same entry waits for the first one (polling, no timeout) and takes over,
+    resuming its shards, if the first one dies.
     """
     from .resources import TOKENIZE_WORKER_BYTES, worker_count
     from .templates import check_tokenizer, load_tokenizer
@@ -239,10 +241,20 @@ def pretokenize(kind: str, path: str, tokenizer: Any, template: TemplateConfig, 
         tokenizer = load_tokenizer(tokenizer)
     check_tokenizer(tokenizer, template)
     final = cache_entry(kind, path, tokenizer, template, cache_dir)
-    if not os.path.exists(os.path.join(final, "meta.json")):
-        key = os.path.basename(final).split("-", 1)[1]
-        building = os.path.join(cache_dir, f".building-{key}")
-        with exclusive(os.path.join(cache_dir, f".building-{key}.lock"), f"tokenized cache {final}"):
+    key = os.path.basename(final).split("-", 1)[1]
+    building = os.path.join(cache_dir, f".building-{key}")
+    announced = False
+    while not os.path.exists(os.path.join(final, "meta.json")):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(exclusive(os.path.join(cache_dir, f".building-{key}.lock"),
+                                              f"tokenized cache {final}"))
+            except UserError as held:  # another run builds it: wait; take over (resume) if it dies
+                if progress and not announced:
+                    print(f"tokenize {kind}: {held}; waiting for it", flush=True)
+                    announced = True
+                time.sleep(1.0)
+                continue
             if not os.path.exists(os.path.join(final, "meta.json")):
                 delay = float(os.environ.get(DELAY_ENV, "0") or 0)
                 if delay > 0:
