@@ -54,6 +54,7 @@ setup(
             "redi-train=redi_megatron.training.cli:main",
             "redi-launch=redi_megatron.training.launch:main",
             "redi-curate=redi_megatron.data.curate:main",
+            "redi-tokenize=redi_megatron.training.tokenize_cli:main",
             "redi-eval=redi_megatron.eval.cli:main",
             "redi-demo=redi_megatron.demo.cli:main",
             "redi-plot=redi_megatron.training.plot:main",

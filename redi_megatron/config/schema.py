@@ -18,7 +18,10 @@ class DataConfig:
     max_prompt_tokens: int = ranged(800, ">=1")
     max_completion_tokens: int = ranged(19000, ">=1")
     seed: int = ranged(42, ">=0")                       # data order (shuffling, packing)
-    num_proc: int = ranged(1, ">=1")                    # tokenization worker processes
+    num_proc: int = ranged(0, ">=0")                    # tokenization worker processes; 0 = cores/memory allow
+    # tokenized cache root; "" = $REDI_DATA_CACHE, else tokenized/ beside the curated data (shared by
+    # every stage on that data), else <checkpoint.save_dir>/cache/tokenized when that is not writable
+    cache_dir: str = ""
     # the student family's chat template (data/templates.py TEMPLATES; a test keeps the two lists equal);
     # must equal the one the data was curated with (curation_report.json), else the run is refused
     chat_template: Literal["qwen2.5-math", "qwen3", "llama3", "r1-distill"] = "qwen2.5-math"

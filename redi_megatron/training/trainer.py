@@ -40,7 +40,7 @@ def _init_groups(cfg: RunConfig):
             raise UserError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
         return groups()
     p = cfg.parallel
-    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
+    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed, timeout_s=p.timeout_s)
 
 
 def _lock_run_dir(save_dir: str, stack: contextlib.ExitStack) -> None:
