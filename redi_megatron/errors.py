@@ -13,3 +13,8 @@ class UserError(ValueError):
 
 class MissingDependency(UserError, ImportError):
     """An optional package a requested feature needs is not installed (the message says how to get it)."""
+
+
+class SharedError(UserError):
+    """A UserError every rank raises from one decision broadcast by rank 0 (a held lock, a damaged
+    checkpoint): ``redi-train`` under torchrun prints it once, not once per rank."""

@@ -98,6 +98,17 @@ def check_range(value: Any, allowed: Optional[str], where: str, source: str) -> 
         raise UserError(f"{source}: '{where}' must be {finite}, got {value!r}")
 
 
+def check_field_ranges(obj: Any, prefix: str, source: str) -> None:
+    """Every field of dataclass instance ``obj`` (nested ones too) within its declared range: for configs
+    built in Python rather than through :class:`Checker` (the demo's presets, ``EvalConfig``)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_field_ranges(value, f"{prefix}{f.name}.", source)
+        else:
+            check_range(value, f.metadata.get("range"), prefix + f.name, source)
+
+
 def _is_scalar(tp: Any) -> bool:
     return tp in (bool, int, float, str) or typing.get_origin(tp) is Literal
 

@@ -6,18 +6,26 @@ import os
 
 import pytest
 
+# marker -> (module it needs, variable that makes its absence an error, where to read how to install it)
+OPTIONAL = {
+    "vllm": ("vllm", "REDI_REQUIRE_VLLM", "see docs/evaluation.md"),
+    "nemo_run": ("nemo_run", "REDI_REQUIRE_NEMO_RUN", "pip install -e '.[nemo-run]'; see examples/slurm/README.md"),
+}
+
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``vllm`` are skipped, with the reason, where vLLM is not importable; with
-    ``REDI_REQUIRE_VLLM=1`` (set by .ci/vllm) that is an error instead, so the CI job cannot pass empty."""
-    if importlib.util.find_spec("vllm") is not None:
-        return
-    if os.environ.get("REDI_REQUIRE_VLLM") == "1":
-        raise pytest.UsageError("REDI_REQUIRE_VLLM=1 but vllm is not importable in this environment")
-    skip = pytest.mark.skip(reason="vllm is not importable in this environment (see docs/evaluation.md)")
-    for item in items:
-        if "vllm" in item.keywords:
-            item.add_marker(skip)
+    """Tests marked ``vllm`` (``nemo_run``) are skipped, with the reason, where that package is not importable;
+    with ``REDI_REQUIRE_VLLM=1`` (``REDI_REQUIRE_NEMO_RUN=1``), set by .ci/vllm (.ci/nemo_run), that is an error
+    instead, so the CI job cannot pass empty."""
+    for marker, (module, require, how) in OPTIONAL.items():
+        if importlib.util.find_spec(module) is not None:
+            continue
+        if os.environ.get(require) == "1":
+            raise pytest.UsageError(f"{require}=1 but {module} is not importable in this environment")
+        skip = pytest.mark.skip(reason=f"{module} is not importable in this environment ({how})")
+        for item in items:
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="module")

@@ -130,3 +130,112 @@ def test_weights_only_loads_restores_the_environment(monkeypatch):
     assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
     buf.seek(0)
     assert torch.load(buf, weights_only=False) == {"a": slice(1, 2)}
+
+
+class _Getattr:
+    """Pickled as the call ``builtins.getattr(*args)`` (by :class:`_Py3112Pickler`)."""
+
+    def __init__(self, *args):
+        self.args = args
+
+
+class _Py3112Pickler(pickle.Pickler):
+    """Pickles Enum members as Debian bookworm's Python 3.11.2 does: ``builtins.getattr(cls, name)``
+    (a global reference to getattr, the class, the name, REDUCE); a :class:`_Getattr` as its crafted call."""
+
+    def reducer_override(self, obj):
+        import enum
+
+        if isinstance(obj, enum.Enum):
+            return getattr, (type(obj), obj._name_)
+        if isinstance(obj, _Getattr):
+            return getattr, obj.args
+        return NotImplemented
+
+
+def _metadata_as_3112(tmp_path: Path, crafted: _Getattr | None = None):
+    """A real dcp ``.metadata`` rewritten as Python 3.11.2 writes it, holding ``crafted`` if given."""
+    import io
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is disabled ...": one process is the point
+        dcp.save({"w": torch.arange(6.0).view(2, 3)}, checkpoint_id=str(tmp_path), no_dist=True)
+    path = tmp_path / ".metadata"
+    metadata = pickle.loads(path.read_bytes())
+    metadata.storage_meta = crafted  # plain dcp names a pathlib path here; Megatron's checkpoints do not
+    buf = io.BytesIO()
+    _Py3112Pickler(buf, protocol=4).dump(metadata)  # torch's dcp pickles .metadata with protocol 4 (default)
+    path.write_bytes(buf.getvalue())
+    return metadata, buf.getvalue()
+
+
+def test_metadata_with_enums_pickled_by_python_3_11_2_loads(tmp_path):
+    """The image check's failure: REDI refused the SFT checkpoint that Debian's Python 3.11.2 wrote."""
+    import io
+    import pickletools
+
+    from redi_megatron.models.safe_load import _MetadataUnpickler, check_metadata_pickles
+
+    metadata, data = _metadata_as_3112(tmp_path)
+    ops = [(op.name, arg) for op, arg, _ in pickletools.genops(data) if op.name != "MEMOIZE"]
+    at = ops.index(("SHORT_BINUNICODE", "getattr"))  # the byte pattern 3.11.2 writes
+    assert ops[at - 1] == ("SHORT_BINUNICODE", "builtins") and ops[at + 1][0] == "STACK_GLOBAL"
+    assert b"_MEM_FORMAT_ENCODING" in data
+    check_metadata_pickles(tmp_path)  # no UserError
+
+    loaded = _MetadataUnpickler(io.BytesIO(data)).load()
+    assert loaded == metadata
+    props = loaded.state_dict_metadata["w"].properties
+    assert props.memory_format == torch.contiguous_format and props.dtype == torch.float32
+
+
+@pytest.mark.parametrize("target,refused", [
+    (("torch.distributed.checkpoint.metadata", "Metadata", "__init__"), "no allowed Enum class"),
+    (("torch", "Size", "__new__"), "no allowed Enum class"),
+    (("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "__class__"), "which is no member"),
+    (("torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING", "_member_map_"), "which is no member"),
+    (("torch.distributed.checkpoint.planner", "LoadItemType", "__call__"), "which is no member"),
+    (("torch.distributed.checkpoint.planner", "LoadItemType", 1), "which is no member"),
+])
+def test_getattr_on_anything_but_an_enum_member_is_refused(tmp_path, target, refused):
+    import importlib
+
+    from redi_megatron.errors import UserError
+    from redi_megatron.models.safe_load import check_metadata_pickles
+
+    module, cls, name = target
+    _metadata_as_3112(tmp_path, _Getattr(getattr(importlib.import_module(module), cls), name))
+    with pytest.raises(UserError, match=r"\.metadata: refused to unpickle it \(it calls builtins\.getattr") as e:
+        check_metadata_pickles(tmp_path)
+    assert refused in str(e.value) and "\n" not in str(e.value)
+
+
+def test_getattr_reaches_no_class_outside_the_allow_list(tmp_path):
+    """An Enum class the unpickler may not name stays refused even inside the getattr call."""
+    import enum
+
+    from redi_megatron.errors import UserError
+    from redi_megatron.models.safe_load import check_metadata_pickles
+
+    _metadata_as_3112(tmp_path, _Getattr(enum.Enum, "__init_subclass__"))
+    with pytest.raises(UserError, match=r"it refers to enum\.Enum"):
+        check_metadata_pickles(tmp_path)
+
+
+def test_enum_member_checks_the_class_itself():
+    """Defence in depth: find_class already refuses a class off the list, and the getattr stand-in checks again."""
+    import enum
+
+    from redi_megatron.models.safe_load import _enum_member
+
+    class Local(enum.Enum):
+        A = 1
+
+    with pytest.raises(pickle.UnpicklingError, match="no allowed Enum class"):
+        _enum_member(Local, "A")
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    assert _enum_member(LoadItemType, "TENSOR") is LoadItemType.TENSOR

@@ -26,7 +26,7 @@ ALLOWED = {
 }
 DISTRIBUTED_OK = {"parallel", "testing"}
 # standard-library-only modules at the package root, usable from every layer
-BASE = {"errors", "locks", "outputs", "typed"}
+BASE = {"console", "errors", "locks", "outputs", "typed"}
 
 
 def _imports(path: pathlib.Path) -> set[str]:

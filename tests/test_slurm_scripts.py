@@ -3,6 +3,7 @@ own functions), then the scripts submitted for real on the CI cluster (marked `s
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -149,3 +150,62 @@ def test_run_sbatch_container_modes(tmp_path, mode):
     log = (tmp_path / f"slurm-redi-run-{job}.out").read_text()
     image = "redi-ci.sqsh" if mode == "pyxis" else "none"
     assert f"pwd={REPO} image={image} function" in log, log
+
+
+def _tiny_hf_base(path: Path, tokenizer_dir: str) -> None:
+    """A tiny random Qwen2 in HF format with the tests' tiny tokenizer: what `HF_BASE` names."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    torch.manual_seed(0)
+    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
+                      tie_word_embeddings=True, bos_token_id=eos, eos_token_id=eos, pad_token_id=eos)
+    Qwen2ForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True)
+    tok.save_pretrained(str(path))
+
+
+@pytest.mark.slurm
+def test_pipeline_whole_chain_on_two_nodes(tmp_path, tiny_train_data):
+    """pipeline.sh from `convert` to `eval` on the tiny recipes, training on 2 nodes x 1 worker: six jobs, each
+    started only after what it depends on ended (afterok), every one COMPLETED, and each stage's output where the
+    next one reads it. The evaluation runs with the HF backend on CPU (vLLM has its own CI, .ci/vllm)."""
+    env = require_cluster()
+    _tiny_hf_base(tmp_path / "hf_base", tiny_train_data["tokenizer"])
+    data = (f"data.tokenizer={tiny_train_data['tokenizer']} train.max_steps=2 logging.tensorboard=false "
+            "data.max_prompt_tokens=200 data.max_completion_tokens=400")
+    env.update({"REPO_DIR": str(REPO), "CONTAINER_DIR": str(REPO), "IMAGE": "redi-ci.sqsh", "OMP_NUM_THREADS": "1",
+                "HF_BASE": str(tmp_path / "hf_base"), "SFT_CONFIG": "examples/configs/tiny_cpu_sft.yaml",
+                "REDI_CONFIG": "examples/configs/tiny_cpu_redi.yaml", "NAME": "ci", "NODES": "2",
+                "BASE_CKPT": str(tmp_path / "base"), "SFT_RUN": str(tmp_path / "sft"),
+                "REDI_RUN": str(tmp_path / "redi"), "HF_OUT": str(tmp_path / "hf"), "EVAL_OUT": str(tmp_path / "evals"),
+                "SFT_OVERRIDES": f"data.train_path={tiny_train_data['positives']} data.micro_batch_tokens=640 {data}",
+                "REDI_OVERRIDES": f"data.train_path={tiny_train_data['pairs']} {data}",
+                "EVAL_IMAGE": "redi-ci-eval.sqsh", "SBATCH_GPUS_PER_NODE": "1",
+                "EVAL_ARGS": "--backend hf --benchmarks math500 --limit 1 --n 1 --max-new-tokens 4 --grade-workers 1 "
+                             "--no-progress"})
+    r = subprocess.run(["bash", str(SLURM / "pipeline.sh")], env=env, cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = subprocess.run(["scontrol", "show", "job", "-o"], env=env, capture_output=True, text=True, timeout=30).stdout
+    ids = {m.group(2): int(m.group(1)) for m in re.finditer(r"JobId=(\d+) JobName=redi-([\w-]+) .*", out)
+           if f" WorkDir={tmp_path} " in m.group(0)}
+    assert sorted(ids) == sorted(["convert", "sft", "redi", "export-sft", "export", "eval"]), out
+    states = wait_jobs(ids.values(), timeout=420)
+    logs = {n: (tmp_path / f"slurm-redi-{n}-{j}.out").read_text() for n, j in ids.items()}
+    assert set(states.values()) == {"COMPLETED"}, {n: (states[j], logs[n][-2000:]) for n, j in ids.items()}
+    info = {n: job_info(j) for n, j in ids.items()}
+    after = {"sft": ["convert"], "redi": ["sft"], "export-sft": ["sft"], "export": ["redi"],
+             "eval": ["export", "export-sft"]}
+    for job, deps in after.items():  # afterok: started no earlier than each dependency ended
+        for dep in deps:
+            assert info[job]["StartTime"] >= info[dep]["EndTime"], (job, dep, info[job], info[dep])
+    assert "2 node(s) x 1 GPU(s)" in logs["sft"] and "2 node(s) x 1 GPU(s)" in logs["redi"]
+    redi_meta = json.loads((tmp_path / "redi/checkpoints/step_0000002/redi_meta.json").read_text())
+    assert redi_meta["run_config"]["checkpoint"]["init_from"] == str(tmp_path / "sft/checkpoints/step_0000002")
+    for model in ("sft", "redi"):
+        assert (tmp_path / "hf" / model / "config.json").is_file()
+        report = json.loads((tmp_path / "evals" / model / "report.json").read_text())
+        assert list(report["benchmarks"]) == ["math500"], report

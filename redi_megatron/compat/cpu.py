@@ -55,6 +55,8 @@ for _message in ("Transformer Engine and Apex are not installed", "Apex is not i
                  "full scope is deprecated"):
     warnings.filterwarnings("ignore", message=_message)
 
+_GRAD_GET = torch.Tensor.grad.__get__  # a new method-wrapper per access: compared with ==, not is
+_NON_LEAF_GRAD = "The .grad attribute of a Tensor that is not a leaf Tensor is being accessed"
 _MEGATRON_DIR = os.path.dirname(os.path.dirname(os.path.abspath(
     __import__("importlib.util").util.find_spec("megatron.core").origin)))
 _ACTIVE = False
@@ -113,6 +115,13 @@ class _CudaToCpuMode(TorchFunctionMode):
             return _CUDA_TYPE_NAMES.get(name, name)
         elif func is torch.Tensor.pin_memory:
             return args[0]
+        elif func == _GRAD_GET and not args[0].is_leaf and _called_from_megatron():
+            # Megatron's distributed optimizer zeroes the grads of its fp32 shard *views* (its comment: "throws
+            # grad-access warning"): reading an unset .grad of a non-leaf is None, which is what it wants. The
+            # warning, raised here because this mode is on the stack, would name this file in every CPU run.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=_NON_LEAF_GRAD)
+                return func(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -166,6 +175,9 @@ def activate() -> bool:
     if _ACTIVE or cuda_available():
         return _ACTIVE
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")  # fusions would compile for 17 s on first call
+    # Megatron recommends CUDA_DEVICE_MAX_CONNECTIONS=1 (one CUDA work queue, so its async grad all-reduce
+    # overlaps in order) and warns on every TP run without it; on a CPU there are no CUDA queues to order.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     _megatron_only("current_device", lambda: torch.device("cpu"))
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         _megatron_only(name, lambda *a, **k: None)

@@ -22,10 +22,18 @@ class DataConfig:
     # prints how many (the tokenized cache still holds every sample)
     overlong: Literal["error", "drop"] = "error"
     seed: int = ranged(42, ">=0")                       # data order (shuffling, packing)
-    num_proc: int = ranged(1, ">=1")                    # tokenization worker processes
+    num_proc: int = ranged(0, ">=0")                    # tokenization worker processes; 0 = cores/memory allow
+    # tokenized cache root; "" = $REDI_DATA_CACHE, else tokenized/ beside the curated data (shared by
+    # every stage on that data), else <checkpoint.save_dir>/cache/tokenized when that is not writable
+    cache_dir: str = ""
     # the student family's chat template (data/templates.py TEMPLATES; a test keeps the two lists equal);
     # must equal the one the data was curated with (curation_report.json), else the run is refused
     chat_template: Literal["qwen2.5-math", "qwen3", "llama3", "r1-distill"] = "qwen2.5-math"
+
+
+# The losses redi_megatron/losses registers (tests/test_newcomer.py keeps this equal to its registry): redi-train
+# refuses a loss.name typo against it before torch is imported.
+BUILTIN_LOSSES = ("dpo", "redi", "sft", "simpo")
 
 
 @dataclass

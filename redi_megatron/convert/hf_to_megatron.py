@@ -13,6 +13,11 @@ Memory: the Megatron model (one copy of the weights, summed over ranks) plus one
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: parse the arguments before torch is imported (convert/cli.py)
+    from redi_megatron.convert.cli import hf_to_megatron
+
+    raise SystemExit(hf_to_megatron())
+
 import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -22,6 +27,7 @@ from typing import Any, Optional
 import torch
 
 from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert.cli import hf_to_megatron_parser
 from redi_megatron.convert.hf_io import SafetensorsReader, hf_dtype, parse_overrides, read_hf_config
 from redi_megatron.convert.mappings import Family, bind_layer, expected_hf_tensors, is_ignored_hf, megatron_index
 from redi_megatron.errors import UserError
@@ -155,22 +161,15 @@ def convert_hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, tp: Optio
                                  extra_meta={"source": source, "target_layout": {"tp": tp, "pp": pp}})
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redi-hf-to-megatron", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", required=True, help="HF model directory (config.json + *.safetensors)")
-    p.add_argument("--out", required=True, help="checkpoint directory to create")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size to validate and pad for")
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to validate for")
-    p.add_argument("--override", nargs="+", action="extend", default=[], metavar="FIELD=VALUE",
-                   help="ModelConfig fields to change, e.g. rope_theta=300000 max_position_embeddings=32768")
-    p.add_argument("--dtype", default=None, help="weights dtype (default: config.json's): bf16, fp16, fp32")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+build_parser = hf_to_megatron_parser  # the command line lives in convert/cli.py (parsed before torch is imported)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The tool's work, on parsed arguments (``convert.cli.hf_to_megatron`` parses them first)."""
     force_cpu()
 
     def body() -> int:
@@ -187,6 +186,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return run_cli("redi-hf-to-megatron", body)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,6 +11,11 @@ header is written first and tensors stream to disk.
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: parse the arguments before torch is imported (convert/cli.py)
+    from redi_megatron.convert.cli import megatron_to_hf
+
+    raise SystemExit(megatron_to_hf())
+
 import argparse
 import json
 import shutil
@@ -21,6 +26,7 @@ from typing import Any, Optional
 import torch
 
 from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert.cli import megatron_to_hf_parser
 from redi_megatron.convert.hf_io import StreamingSafetensorsWriter, hf_config_for_export, parse_size
 from redi_megatron.convert.mappings import expected_hf_tensors, family_for_config, full_state_dict_to_hf
 from redi_megatron.errors import UserError
@@ -138,25 +144,15 @@ def check_finite_weights(model: torch.nn.Module, where: str | Path) -> None:
                          "run diverged; export an earlier checkpoint, or pass --allow-nonfinite to export anyway")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redi-megatron-to-hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--megatron", required=True,
-                   help="redi-megatron checkpoint directory, or a run directory (its newest checkpoint)")
-    p.add_argument("--out", required=True, help="HF directory to create")
-    p.add_argument("--dtype", default=None, help="bf16, fp16 or fp32 (default: the checkpoint's)")
-    p.add_argument("--max-shard-size", default="5GB", help="safetensors shard size (default 5GB)")
-    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
-    p.add_argument("--allow-nonfinite", action="store_true",
-                   help="export even if weights hold NaN/inf (by default that is refused: a diverged run)")
-    p.add_argument("--trust-unverified", action="store_true",
-                   help="the source is trusted: load it without a manifest (older versions) and without the unpickling "
-                        "limits; checkpoints are code")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+build_parser = megatron_to_hf_parser  # the command line lives in convert/cli.py (parsed before torch is imported)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The tool's work, on parsed arguments (``convert.cli.megatron_to_hf`` parses them first)."""
     force_cpu()
 
     def body() -> int:
@@ -177,6 +173,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return run_cli("redi-megatron-to-hf", body)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -18,6 +18,11 @@ greedy mismatch (see :mod:`redi_megatron.convert.vllm_parity`).
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # python -m: parse the arguments before torch is imported (convert/cli.py)
+    from redi_megatron.convert.cli import verify_parity
+
+    raise SystemExit(verify_parity())
+
 import argparse
 import os
 import tempfile
@@ -30,6 +35,7 @@ import torch
 
 from redi_megatron.convert import vllm_parity
 from redi_megatron.convert._launch import force_cpu, parallel_context, run_cli
+from redi_megatron.convert.cli import verify_parity_parser
 from redi_megatron.errors import UserError
 from redi_megatron.models.checkpoint import TOKENIZER_SUBDIR, dtype_from_name, read_meta, tokenizer_files
 from redi_megatron.models.config import ModelConfig
@@ -105,7 +111,8 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
 
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     config = _hf_config_like(hf_dir, cfg)
-    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, **{key: torch_dtype}).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(hf_dir), config=config, use_safetensors=True,
+                                              **{key: torch_dtype}).eval()
     if hf.config.vocab_size != cfg.vocab_size:
         raise UserError(f"{hf_dir}/config.json has vocab_size {hf.config.vocab_size}, the checkpoint "
                          f"{cfg.vocab_size}")
@@ -119,25 +126,7 @@ def verify_parity(hf_dir: str | Path, ckpt_dir: str | Path, *, prompts: Sequence
     return reports
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="redi-verify-parity", description=__doc__.split("\n\n")[0])
-    p.add_argument("--hf", default=None,
-                   help="HF model directory (required without --vllm; with it: an export to check as written)")
-    p.add_argument("--megatron", required=True, help="redi-megatron checkpoint directory")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line (default: built-in)")
-    p.add_argument("--dtype", default="fp32", help="compute dtype for both models (default fp32)")
-    p.add_argument("--max-abs-diff", type=float, default=1e-3, help="tolerance on |logit difference|")
-    p.add_argument("--max-kl", type=float, default=1e-5, help="tolerance on per-token KL(HF||Megatron)")
-    g = p.add_argument_group("three engines (--vllm)")
-    g.add_argument("--vllm", action="store_true",
-                   help="compare token log-probs of Megatron (the trainer's), transformers and vLLM on the "
-                        "export of --megatron, and HF/vLLM greedy continuations")
-    g.add_argument("--max-logprob-diff", type=float, default=1e-4,
-                   help="tolerance on |log-prob difference| between any two engines (default 1e-4, for fp32; "
-                        "bf16 needs about 1e-1)")
-    g.add_argument("--greedy-tokens", type=int, default=16, help="greedy tokens compared per prompt (0: none)")
-    g.add_argument("--vllm-tp", type=int, default=1, help="vLLM tensor-parallel size")
-    return p
+build_parser = verify_parity_parser  # the command line lives in convert/cli.py (parsed before torch is imported)
 
 
 def _read_prompts(path: Optional[str]) -> Sequence[str]:
@@ -191,7 +180,11 @@ def three_engines(args: argparse.Namespace, prompts: Sequence[str], cuda_visible
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The tool's work, on parsed arguments (``convert.cli.verify_parity`` parses them first)."""
     cuda_visible = os.environ.get("CUDA_VISIBLE_DEVICES")  # for vLLM's child process
     force_cpu()
 
@@ -225,6 +218,3 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     return run_cli("redi-verify-parity", body)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -84,7 +84,7 @@ def hf_logprobs_and_greedy(hf_dir: str | Path, dtype: torch.dtype, sequences: Se
     from transformers import AutoModelForCausalLM
 
     key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), **{key: dtype}).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), use_safetensors=True, **{key: dtype}).eval()
     logprobs, greedy = [], []
     for ids in sequences:
         logits = model(ids[None], position_ids=torch.arange(ids.numel())[None]).logits[0].double()
@@ -135,7 +135,8 @@ def _vllm_child(request: dict) -> dict:
     greedy_tokens = request["greedy_tokens"]
     longest = max(len(ids) for ids in sequences) + greedy_tokens + 1
     llm = vllm.LLM(model=request["model"], dtype=request["dtype"], seed=0, enforce_eager=True,
-                   tensor_parallel_size=request["tp"], max_model_len=longest, enable_prefix_caching=False)
+                   tensor_parallel_size=request["tp"], max_model_len=longest, enable_prefix_caching=False,
+                   load_format="safetensors")
     prompts = [{"prompt_token_ids": ids} for ids in sequences]
     scored = llm.generate(prompts, vllm.SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0),
                           use_tqdm=False)

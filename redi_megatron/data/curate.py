@@ -20,7 +20,7 @@ import os
 import shutil
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -74,11 +74,13 @@ class CurationConfig:
     system_prompt: Optional[str] = QWEN_MATH_SYSTEM_PROMPT
     eos_token: Optional[str] = "<|endoftext|>"
     strict: bool = False
-    num_proc: int = field(default_factory=lambda: os.cpu_count() or 1)
+    num_proc: int = 0  # 0 = auto: usable cores bounded by available memory (~0.3 GB a worker)
     rows_per_chunk: int = 512
     overwrite: bool = False
     progress: bool = True
     chat_template: str = DEFAULT_TEMPLATE  # a name in data.templates.TEMPLATES; recorded in curation_report.json
+    # also build the tokenized caches of the outputs (the ones redi-train opens); off by default (docs/data.md)
+    tokenize: bool = False
 
     def validate(self) -> None:
         """ValueError naming the offending field."""
@@ -97,8 +99,8 @@ class CurationConfig:
             v = getattr(self, name)
             if v is not None and v <= 0:
                 raise UserError(f"{name}: must be positive or None, got {v}")
-        if self.num_proc < 1 or self.rows_per_chunk < 1:
-            raise UserError("num_proc and rows_per_chunk must be >= 1")
+        if self.num_proc < 0 or self.rows_per_chunk < 1:
+            raise UserError("num_proc must be >= 0 (0 = auto) and rows_per_chunk >= 1")
 
     def template(self) -> TemplateConfig:
         """The named template; system_prompt / eos_token override only the default (Qwen2.5-Math) one."""
@@ -167,7 +169,27 @@ def curate(cfg: CurationConfig, tokenizer: Any = None) -> dict[str, Any]:
     with exclusive(lock_path_for(cfg.output), f"--output {cfg.output}"):
         report, result = _curate_locked(cfg, files, schema, rules, tokenizer)
     report.print_summary()
+    if cfg.tokenize:
+        tokenize_outputs(cfg, tokenizer)
     return result
+
+
+def tokenize_outputs(cfg: CurationConfig, tokenizer: Any = None) -> list[str]:
+    """Build the tokenized cache entries of the curated outputs where ``redi-train`` will look for them
+    (``$REDI_DATA_CACHE``, else ``tokenized/`` beside them). Returns the entry directories."""
+    from .pretokenize import pretokenize
+    from .tokenized import KIND_PAIR, KIND_SFT, shared_cache_dir
+
+    template = cfg.template()
+    tok = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer, template)
+    entries = []
+    for name in cfg.outputs:
+        path = os.path.join(cfg.output, f"{name}.jsonl" if cfg.output_format == "jsonl" else name)
+        root = shared_cache_dir("", path, os.path.join(cfg.output, "tokenized"), announce=cfg.progress)
+        ds = pretokenize(KIND_PAIR if name == "pairs" else KIND_SFT, path, tok, template, root, cfg.num_proc,
+                         cfg.progress)
+        entries.append(ds.cache_path)
+    return entries
 
 
 def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRules,
@@ -204,13 +226,24 @@ def _curate_locked(cfg: CurationConfig, files: list, schema: Any, rules: RowRule
     return report, result
 
 
+def _workers(cfg: CurationConfig) -> int:
+    """``cfg.num_proc``, or for 0 what the cores and memory allow (printed once)."""
+    from .resources import CURATE_WORKER_BYTES, worker_count
+
+    n = worker_count(cfg.num_proc, CURATE_WORKER_BYTES)
+    if cfg.num_proc == 0 and cfg.progress:
+        print(f"redi-curate: {n} worker process(es) (auto: usable cores, ~0.3 GB each within available memory)",
+              flush=True)
+    return n
+
+
 def _process_all(cfg, chunks, spec, report: Report, ranks: np.ndarray, tmp: str, n: int) -> None:
     from tqdm import tqdm
 
     bar = tqdm(total=n, desc="curate rows", unit="row", disable=not cfg.progress, mininterval=2.0)
     writers = {name: open(os.path.join(tmp, f"{name}.jsonl"), "wb") for name in cfg.outputs}
     try:
-        for res in _results(chunks, spec, min(cfg.num_proc, len(chunks))):
+        for res in _results(chunks, spec, min(_workers(cfg), len(chunks))):
             if cfg.strict and res.bad_rows:
                 b = res.bad_rows[0]
                 raise UserError(f"--strict: bad row {b['index']} ({b['file']} row {b['row']}): {b['reason']}")
@@ -266,9 +299,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=DEFAULT_TEMPLATE, help="template name (docs/data.md)")
     p.add_argument("--eos-token", default="<|endoftext|>", help="'tokenizer' = the tokenizer's own eos_token")
     p.add_argument("--strict", action="store_true", help="the first bad row is an error")
-    p.add_argument("--num-proc", type=int, default=os.cpu_count() or 1,
-                   help="worker processes (default: all CPUs)")
+    p.add_argument("--num-proc", type=int, default=0,
+                   help="worker processes; 0 (default) = usable cores, bounded by available memory at ~0.3 GB each")
     p.add_argument("--rows-per-chunk", type=int, default=512, help="rows per worker task")
+    p.add_argument("--tokenize", action="store_true",
+                   help="also build the outputs' tokenized caches (tokenized/ beside them, or $REDI_DATA_CACHE), "
+                        "the ones redi-train opens with the same tokenizer and template (docs/data.md)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --output (kept until the new one is complete)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -289,7 +325,7 @@ def config_from_args(argv: Optional[Sequence[str]] = None) -> CurationConfig:
         output_format=a.output_format, system_prompt=a.system_prompt or None,
         eos_token=None if a.eos_token == "tokenizer" else a.eos_token, strict=a.strict,
         num_proc=a.num_proc, rows_per_chunk=a.rows_per_chunk, overwrite=a.overwrite, progress=a.progress,
-        chat_template=a.chat_template,
+        chat_template=a.chat_template, tokenize=a.tokenize,
     )
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from typing import Optional
 
+from redi_megatron.console import say
 from redi_megatron.errors import UserError
 
 from .templates import DEFAULT_TEMPLATE
@@ -44,8 +44,8 @@ def data_template(train_path: str) -> tuple[Optional[str], Optional[str]]:
         raise UserError(f"{report}: unreadable curation report ({e})") from e
     name = record.get(RECORD_KEY) if isinstance(record, dict) else None
     if name is None:
-        print(f"warning: {report} records no chat template (curated before templates were named); "
-              f"assuming {DEFAULT_TEMPLATE!r}", file=sys.stderr)
+        say(f"warning: {report} records no chat template (curated before templates were named); "
+            f"assuming {DEFAULT_TEMPLATE!r}")
         return DEFAULT_TEMPLATE, report
     return str(name), report
 
@@ -54,8 +54,8 @@ def check_data_template(train_path: str, configured: str) -> None:
     """UserError (exit 2) naming both templates when the data was curated with another one."""
     name, report = data_template(train_path)
     if name is None:
-        print(f"warning: no {REPORT_NAME} in or beside {train_path}; its chat template cannot be checked "
-              f"(training renders it with {configured!r})", file=sys.stderr)
+        say(f"warning: no {REPORT_NAME} in or beside {train_path}; its chat template cannot be checked "
+            f"(training renders it with {configured!r})")
         return
     if name != configured:
         raise UserError(f"{train_path}: data was curated with chat template {name!r} ({report}) but the run is "

@@ -169,6 +169,31 @@ def qwen_tokenizer_dir() -> str:
     return path
 
 
+def tokenizer_id_bound(path: str) -> Optional[int]:
+    """One more than the largest token id of the tokenizer in directory ``path`` (vocabulary and added
+    tokens), read from ``tokenizer.json`` (or ``vocab.json`` + ``added_tokens.json``) without importing
+    transformers; None when neither is there or they cannot be read (loading the tokenizer reports that)."""
+    import json
+
+    ids: list[int] = []
+    try:
+        if os.path.isfile(os.path.join(path, "tokenizer.json")):
+            with open(os.path.join(path, "tokenizer.json"), encoding="utf-8") as f:
+                data = json.load(f)
+            vocab = (data.get("model") or {}).get("vocab") or {}
+            ids += list(vocab.values()) if isinstance(vocab, dict) else [len(vocab) - 1]  # Unigram: a list
+            ids += [t["id"] for t in data.get("added_tokens") or []]
+        else:
+            for name in ("vocab.json", "added_tokens.json"):
+                if os.path.isfile(os.path.join(path, name)):
+                    with open(os.path.join(path, name), encoding="utf-8") as f:
+                        ids += list(json.load(f).values())
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    ids = [i for i in ids if isinstance(i, int) and not isinstance(i, bool)]
+    return max(ids) + 1 if ids else None
+
+
 def load_tokenizer(path: str, cfg: Optional[TemplateConfig] = None) -> Any:
     """Load a fast HF tokenizer from a local directory and check the Qwen chat special tokens.
 

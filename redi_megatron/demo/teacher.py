@@ -59,6 +59,7 @@ from typing import Any, Optional
 
 from redi_megatron.data.synthetic import openr1_row, write_jsonl
 from redi_megatron.errors import UserError
+from redi_megatron.typed import ranged
 
 ERROR_MODES = ("carry_slip", "misread_digit", "fact_slip", "dropped_digit", "transposed_digits", "comma_format",
                "box_slip")
@@ -92,18 +93,18 @@ class TaskConfig:
         judge_fooled_shortcut: P(judge accepts a wrong shortcut, off by one in one digit).
     """
 
-    min_digits: int = 3
-    max_digits: int = 3
-    generations: int = 4
-    error_rate: float = 0.35
+    min_digits: int = ranged(3, ">=1")
+    max_digits: int = ranged(3, ">=1")
+    generations: int = ranged(4, ">=1")
+    error_rate: float = ranged(0.35, "[0,1]")
     error_weights: tuple[float, ...] = (0.30, 0.20, 0.15, 0.10, 0.15, 0.10, 0.0)
-    judge_strict_rate: float = 0.03
+    judge_strict_rate: float = ranged(0.03, "[0,1]")
     judge_fooled_rate: tuple[float, ...] = (0.04, 0.04, 0.04, 0.06, 0.12, 0.95, 0.06)
-    judge_null_rate: float = 0.005
-    mv_parse_fail_rate: float = 0.02
-    shortcut_rate: float = 0.0
+    judge_null_rate: float = ranged(0.005, "[0,1]")
+    mv_parse_fail_rate: float = ranged(0.02, "[0,1]")
+    shortcut_rate: float = ranged(0.0, "[0,1]")
     shortcut_accuracy: tuple[float, ...] = (0.97, 0.9, 0.6, 0.35, 0.2, 0.1, 0.05, 0.05, 0.05)
-    judge_fooled_shortcut: float = 0.06
+    judge_fooled_shortcut: float = ranged(0.06, "[0,1]")
 
     def validate(self) -> None:
         """ValueError naming the offending field."""

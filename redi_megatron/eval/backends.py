@@ -100,7 +100,8 @@ class HFBackend:
             dtype = "bfloat16" if self.device == "cuda" else "float32"
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
         self.tokenizer.padding_side = "left"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype))
+        # safetensors only: a pickled pytorch_model.bin beside them (which can run code) is never read
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype), use_safetensors=True)
         bad = [n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())]
         if bad:
             raise UserError(f"{model_path}: {len(bad)} weight tensor(s) hold NaN or inf (e.g. {bad[0]}): the model "
@@ -175,6 +176,7 @@ class VLLMBackend:
             model=model_path, tokenizer=tokenizer_path or model_path, dtype=dtype, seed=seed,
             tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
             max_model_len=max_model_len, enable_prefix_caching=True, enforce_eager=enforce_eager,
+            load_format="safetensors",  # never a pickled .bin beside them
         )
         tokenizer = self.llm.get_tokenizer()
         self.tokenizer = tokenizer

@@ -11,6 +11,7 @@ from redi_megatron.eval.backends import SamplingConfig
 from redi_megatron.eval.benchmarks import PAPER_BENCHMARKS
 from redi_megatron.eval.grading import DEFAULT_TIMEOUT_S, GRADERS
 from redi_megatron.eval.prompts import PromptConfig
+from redi_megatron.typed import check_field_ranges, ranged
 
 BACKENDS = ("auto", "vllm", "hf")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -47,13 +48,13 @@ class EvalConfig:
     model: str
     out: str
     benchmarks: list[str] = field(default_factory=lambda: list(PAPER_BENCHMARKS))
-    limit: Optional[int] = None
-    n: int = 16
-    temperature: float = 0.6
-    top_p: float = 0.95
-    top_k: int = -1
-    max_new_tokens: int = 30720
-    seed: int = 0
+    limit: Optional[int] = ranged(None, ">=1")
+    n: int = ranged(16, ">=1")
+    temperature: float = ranged(0.6, ">=0")
+    top_p: float = ranged(0.95, "(0,1]")
+    top_k: int = ranged(-1, "finite")  # <= 0: off
+    max_new_tokens: int = ranged(30720, ">=1")
+    seed: int = ranged(0, ">=0")
     template: str = "paper"
     chat_format: str = "qwen"
     chat_template: str = DEFAULT_TEMPLATE
@@ -61,23 +62,24 @@ class EvalConfig:
     force_think: bool = True
     grader: str = "rllm"
     require_think: bool = True
-    grade_workers: Optional[int] = None
-    grade_timeout: float = DEFAULT_TIMEOUT_S
+    grade_workers: Optional[int] = ranged(None, ">=1")
+    grade_timeout: float = ranged(DEFAULT_TIMEOUT_S, ">0")
     backend: str = "auto"
     tokenizer: Optional[str] = None
     dtype: str = "auto"
-    batch_size: int = 8
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.85
-    max_model_len: Optional[int] = None
+    batch_size: int = ranged(8, ">=1")
+    tensor_parallel_size: int = ranged(1, ">=1")
+    data_parallel_size: int = ranged(1, ">=1")
+    gpu_memory_utilization: float = ranged(0.85, "(0,1]")
+    max_model_len: Optional[int] = ranged(None, ">=1")
     enforce_eager: bool = False
-    chunk_size: Optional[int] = None
+    chunk_size: Optional[int] = ranged(None, ">=1")
     progress: bool = True
-    shard_index: Optional[int] = None
-    num_shards: int = 1
+    shard_index: Optional[int] = ranged(None, ">=0")
+    num_shards: int = ranged(1, ">=1")
 
     def __post_init__(self) -> None:
+        check_field_ranges(self, "", "EvalConfig")  # every declared range, NaN/inf never
         self.prompt_config()  # validates template and chat_format
         checks = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),

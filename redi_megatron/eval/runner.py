@@ -201,6 +201,14 @@ def check_hf_model_dir(model: str) -> None:
     if not any(root.glob("*.safetensors")) and any(root.glob("*.bin")):
         raise UserError(f"--model {model}: only pickled weights ({next(root.glob('*.bin')).name}), which redi-eval "
                         "does not load (they can run code): re-save with save_pretrained(safe_serialization=True)")
+    # The backends load safetensors only (use_safetensors / load_format): a pytorch_model.bin beside them is
+    # never read. They find model.safetensors or its index; other names would leave only the pickle to load.
+    pickled = sorted(p.name for p in root.glob("*.bin"))
+    if pickled and not any((root / n).is_file() for n in ("model.safetensors", "model.safetensors.index.json")):
+        found = ", ".join(sorted(p.name for p in root.glob("*.safetensors")))
+        raise UserError(f"--model {model}: neither model.safetensors nor model.safetensors.index.json (found {found} "
+                        f"beside the pickled {pickled[0]}, which redi-eval never loads: it can run code); re-save "
+                        "with save_pretrained(safe_serialization=True)")
 
 
 def run_eval(cfg: EvalConfig, backend: Any = None) -> Optional[dict]:

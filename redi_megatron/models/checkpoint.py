@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -259,12 +260,21 @@ def load_extra_sharded(ckpt_dir: str | Path, name: str, sharded_state_dict: dict
     return _load_tree(sharded_state_dict, path, trust_unverified)
 
 
+_MEGATRON_LOAD_DEPRECATIONS = ("`load_state_dict` is deprecated", "Please use DTensor instead and we are deprecating "
+                               "ShardedTensor")
+
+
 def _load_tree(sharded: dict, path: Path, trust_unverified: bool, **kwargs: Any) -> dict:
     """``dist_checkpointing.load``; unless trusted, every ``torch.load`` in it is ``weights_only``."""
     from megatron.core import dist_checkpointing
 
     try:
-        with weights_only_loads(not trust_unverified):
+        with weights_only_loads(not trust_unverified), warnings.catch_warnings():
+            # megatron-core 0.16's loader calls torch.distributed.checkpoint.load_state_dict and builds
+            # ShardedTensors, both deprecated by torch 2.13 (a FutureWarning each, on every load); nothing
+            # for a user to act on. Other warnings still show.
+            for message in _MEGATRON_LOAD_DEPRECATIONS:
+                warnings.filterwarnings("ignore", message=message, category=FutureWarning)
             return dist_checkpointing.load(sharded, str(path), **kwargs)
     except BaseException as e:  # torch's CheckpointException is no Exception; anything else is re-raised
         if not trust_unverified and unpickling_refused(e):

@@ -98,6 +98,9 @@ class ParallelConfig:
     vpp: Optional[int] = ranged(None, ">=1")                # virtual pipeline stages per rank
     sequence_parallel: bool = False
     batch_p2p_comm: bool = True              # forced off where gloo would mis-order messages
+    # torch.distributed collective timeout (gloo and NCCL). No rank waits for tokenization inside a
+    # collective (they poll the file system), so this only bounds real hangs.
+    timeout_s: float = ranged(600.0, ">0")
 
     def validate(self, world_size: int, model: ModelConfig) -> None:
         if world_size % (self.tp * self.pp * self.cp):

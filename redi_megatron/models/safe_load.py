@@ -6,7 +6,9 @@ A Megatron ``dist_checkpointing`` tree holds two kinds of pickles:
   :func:`check_metadata_pickles` reads the file with an unpickler that only knows the classes such a
   file needs (torch's checkpoint metadata classes, ``torch.Size``, dtypes, the layout helper), so a
   file naming anything else (``os.system``, ``builtins.eval``, ...) is refused before any code of it
-  can run;
+  can run. One call is allowed: ``builtins.getattr(EnumClass, "NAME")``, which some Pythons (Debian
+  bookworm's 3.11.2) write for every Enum member; the unpickler gets :func:`_enum_member` instead of
+  ``getattr``, which returns only a member of an allowed Enum class, looked up by its string name;
 - non-tensor items (``ShardedObject``: the layers' ``_extra_state``), which torch's load planner
   ``torch.load``s with ``weights_only=False``: :func:`weights_only_loads` makes every ``torch.load``
   inside it use ``weights_only=True`` (torch's own ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``), so only tensors
@@ -17,6 +19,7 @@ Both are skipped for a source the user declares trusted (``checkpoint.trust_unve
 """
 from __future__ import annotations
 
+import enum
 import importlib
 import io
 import os
@@ -48,8 +51,21 @@ def _allowed(module: str, name: str) -> bool:
     return False
 
 
+def _enum_member(cls: object, name: object) -> enum.Enum:
+    """What the unpickler calls for ``builtins.getattr``: ``cls[name]`` when ``cls`` is an allowed Enum class
+    and ``name`` the string name of one of its members; anything else (another class, an attribute that is
+    no member, a non-string name) is refused, so no other attribute of anything can be fetched."""
+    if not (isinstance(cls, type) and issubclass(cls, enum.Enum) and _allowed(cls.__module__, cls.__qualname__)):
+        raise pickle.UnpicklingError(f"it calls builtins.getattr on {cls!r}, which is no allowed Enum class")
+    if type(name) is not str or name not in cls.__members__:
+        raise pickle.UnpicklingError(f"it calls builtins.getattr({cls.__qualname__}, {name!r}), which is no member")
+    return cls.__members__[name]
+
+
 class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if (module, name) == ("builtins", "getattr"):  # Enum members as Python 3.11.2 pickles them
+            return _enum_member
         if not _allowed(module, name):
             raise pickle.UnpicklingError(f"it refers to {module}.{name}")
         return super().find_class(module, name)

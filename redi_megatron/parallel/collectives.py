@@ -44,6 +44,11 @@ def barrier() -> None:
         dist.barrier()
 
 
+def groups_initialized() -> bool:
+    """Whether torch.distributed's default process group exists (a run got past its start-up)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def is_global_rank_zero() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

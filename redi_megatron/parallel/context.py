@@ -17,6 +17,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed these (same arguments) and warns on the old names; older torch has only those.
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def cp_chunk_ids(cp_rank: int, cp_size: int) -> tuple[int, int]:
     """The two chunk indices (of ``2*cp_size``) that ``cp_rank`` holds of every sequence."""
@@ -86,14 +90,14 @@ class _AllGatherDim0(torch.autograd.Function):
         size = dist.get_world_size(group)
         out = torch.empty((size * tensor.shape[0], *tensor.shape[1:]), dtype=tensor.dtype,
                           device=tensor.device)
-        dist.all_gather_into_tensor(out, tensor.contiguous(), group=group)
+        _ALL_GATHER(out, tensor.contiguous(), group=group)
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         size = dist.get_world_size(ctx.group)
         out = torch.empty((grad.shape[0] // size, *grad.shape[1:]), dtype=grad.dtype, device=grad.device)
-        dist.reduce_scatter_tensor(out, grad.contiguous(), group=ctx.group)
+        _REDUCE_SCATTER(out, grad.contiguous(), group=ctx.group)
         return out, None
 
 

@@ -4,9 +4,11 @@ At 32k tokens, Qwen's 151,936-word vocabulary and bf16, the output layer's logit
 9.3 GB, kept for backward, plus a gradient of the same size. Here the final hidden states go straight
 to log-probs, ``chunk_size`` tokens at a time: each chunk's logits ``hidden_c @ W^T`` exist only inside
 one fp32 workspace ``[chunk_size, V/TP]``; forward keeps the hidden states (the layer's own input) and one
-fp32 logsumexp per token; backward recomputes each chunk's logits and accumulates the gradients of the
-hidden states and of the weight in fp32. Only positions that carry a loss token are projected (prompts
-and padding skip the vocabulary matmul), as TRL's fused LM head does.
+fp32 logsumexp per token; backward recomputes each chunk's logits, forms the logits' gradient in fp32
+and runs its two GEMMs (hidden-state and weight gradient) in the activations' dtype (bf16 operands, fp32
+accumulation inside the GEMM, as Megatron's output layer), summing the weight gradient over chunks in
+fp32. Only positions that carry a loss token are projected (prompts and padding skip the vocabulary
+matmul), as TRL's fused LM head does.
 
 Vocab-parallel exactly like ``parallel.logprobs``: per-token max/sum-exp/target logit are combined over
 TP (three all-reduces of ``[N]`` floats for the whole input), padded vocabulary columns stay out of the
@@ -54,22 +56,38 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, local_t, on_shard, lse = ctx.saved_tensors
         grad_out = grad_out.float()
-        grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        # GEMM operands in the activations' dtype (bf16: tensor-core rate, fp32 accumulation inside the
+        # GEMM, as Megatron's output layer); fp32 inputs stay fp32 throughout, hence exact as before.
+        mm_dtype = hidden.dtype if hidden.dtype == weight.dtype else torch.float32
+        w_mm = weight if weight.dtype == mm_dtype else weight.float()
+        # Each row of grad_hidden comes from one chunk's GEMM (no sum over chunks): written in mm_dtype.
+        grad_hidden = torch.zeros(hidden.shape, dtype=mm_dtype, device=hidden.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)  # sum over chunks
         target_grad = torch.where(on_shard, grad_out, torch.zeros_like(grad_out))
-        w32 = None
         for start in range(0, hidden.shape[0] if ctx.valid_local else 0, ctx.chunk_size):
             end = min(start + ctx.chunk_size, hidden.shape[0])
             h = hidden[start:end]
-            # d logp / d logits = onehot(target) - softmax, times the incoming gradient.
+            # d logp / d logits = onehot(target) - softmax, times the incoming gradient: fp32 math.
             d = _chunk_logits(h, weight, ctx.valid_local).sub_(lse[start:end, None]).exp_()
             d.mul_(grad_out[start:end].neg()[:, None])
             d.scatter_add_(1, local_t[start:end, None], target_grad[start:end, None])
-            if w32 is None:
-                w32 = weight.float()
-            grad_hidden[start:end] = d @ w32
-            grad_weight.addmm_(d.t(), h.float())
+            d = d.to(mm_dtype)  # no copy in fp32; bf16 like Megatron's logits gradient
+            h = h if h.dtype == mm_dtype else h.float()
+            torch.mm(d, w_mm, out=grad_hidden[start:end])
+            _add_weight_grad(grad_weight, d, h)
         return grad_hidden.to(hidden.dtype), grad_weight.to(weight.dtype), None, None, None, None
+
+
+def _add_weight_grad(acc: torch.Tensor, d: torch.Tensor, h: torch.Tensor) -> None:
+    """``acc [V/TP, H] += d^T @ h`` for one chunk (``d [c, V/TP]``, ``h [c, H]``). fp32: one in-place addmm.
+    bf16: bf16 GEMMs (fp32 accumulation inside) over blocks of vocabulary rows, each added to the fp32
+    ``acc``, so the GEMM's own output is at most one workspace, not a second ``[V/TP, H]``."""
+    if acc.dtype == d.dtype:
+        acc.addmm_(d.t(), h)
+        return
+    rows = max(1, CHUNK_ELEMENTS // max(1, h.shape[1]))
+    for v0 in range(0, acc.shape[0], rows):
+        acc[v0:v0 + rows] += d[:, v0:v0 + rows].t() @ h
 
 
 def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, valid_local: int) -> torch.Tensor:

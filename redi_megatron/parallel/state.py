@@ -6,6 +6,7 @@ place that reads them back from Megatron's global state, as an explicit :class:`
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional
@@ -14,6 +15,12 @@ import torch
 import torch.distributed as dist
 
 from redi_megatron.compat import cpu as cpu_compat
+
+# megatron-core 0.16's tensor-parallel layers and DDP call torch.distributed.all_gather_into_tensor and
+# reduce_scatter_tensor, which torch 2.13 renamed (*_single, same arguments) with a FutureWarning at each call
+# site; our own code uses the new names (parallel/context.py). Only these two messages are hidden.
+for _old in ("all_gather_into_tensor", "reduce_scatter_tensor"):
+    warnings.filterwarnings("ignore", message=f"`torch.distributed.{_old}` is deprecated", category=FutureWarning)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-from redi_megatron.errors import UserError
+from redi_megatron.errors import SharedError, UserError
 from redi_megatron.parallel.collectives import barrier, broadcast_object, count_over_world, is_global_rank_zero
 
 _STEP_DIR = re.compile(r"^step_(\d{7})$")
@@ -136,7 +136,7 @@ def find_resume_point(save_dir: str, resume: bool, on_corrupt: str = "fallback",
         path = None
     path, message = broadcast_object((None if path is None else str(path), message))
     if message is not None:
-        raise UserError(message)
+        raise SharedError(message)
     return None if path is None else Path(path)
 
 

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 from typing import Optional
 
-from redi_megatron.errors import UserError
+from redi_megatron.console import first_rank, global_rank, say
+from redi_megatron.errors import SharedError, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,36 +32,76 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from redi_megatron.config.loader import load_config
 
+    if not first_rank():  # a library's warnings are the same on every rank: rank 0 shows them
+        warnings.simplefilter("ignore")
     try:
         cfg = load_config(args.config, list(args.overrides))
         if args.no_resume:
             cfg.checkpoint.resume = False
+        _check_loss_name(cfg.loss.name)
         from redi_megatron.losses.registry import get_loss
 
         get_loss(cfg.loss.name).make_hparams(cfg.loss.params)  # a loss typo fails before Megatron starts
+        from redi_megatron.training.preflight import preflight
+
+        preflight(cfg)  # inputs that do not fit each other, too
         from redi_megatron.training.trainer import train
 
         summary = train(cfg)
     except UserError as err:  # user errors: one clear line; anything else keeps its traceback
-        print(f"redi-train: error: {err}", file=sys.stderr)
+        _print_error(err)
         return 2
     finally:
         _teardown()
+    # Every rank ends with the same summary (the stop decisions are all-reduced): rank 0 says it.
     if summary.get("preempted") is not None:
         from redi_megatron.training.preemption import EXIT_PREEMPTED
 
-        print(f"redi-train: preempted: saved step {summary['preempted']} ({summary['last_checkpoint']}); "
-              f"exit {EXIT_PREEMPTED}, run again (or requeue) to resume", file=sys.stderr)
+        say(f"redi-train: preempted: saved step {summary['preempted']} ({summary['last_checkpoint']}); "
+            f"exit {EXIT_PREEMPTED}, run again (or requeue) to resume")
         return EXIT_PREEMPTED
     if summary["nonfinite"]:
-        print(f"redi-train: stopped: {summary['nonfinite']}", file=sys.stderr)
+        say(f"redi-train: stopped: {summary['nonfinite']}")
         return 4
     if summary["stopped"]:
-        print(f"redi-train: stopped early: {summary['stopped']}", file=sys.stderr)
+        say(f"redi-train: stopped early: {summary['stopped']}")
         return 3
-    print(f"redi-train: done, {summary['last_step']}/{summary['total_steps']} steps; "
-          f"checkpoint {summary['last_checkpoint']}")
+    say(f"redi-train: done, {summary['last_step']}/{summary['total_steps']} steps; "
+        f"checkpoint {summary['last_checkpoint']}", stream=sys.stdout)
     return 0
+
+
+def _check_loss_name(name: str) -> None:
+    """A ``loss.name`` typo, refused before torch is imported (the registry does: a loss registered by the
+    caller is in its registry, which is then already imported); the registry's own message."""
+    from redi_megatron.config.schema import BUILTIN_LOSSES
+
+    if name in BUILTIN_LOSSES or "redi_megatron.losses.registry" in sys.modules:
+        return
+    import difflib
+
+    close = difflib.get_close_matches(str(name), BUILTIN_LOSSES, n=1)
+    hint = f"; did you mean 'loss.name={close[0]}'?" if close else ""
+    raise UserError(f"'loss.name': unknown loss {name!r}{hint} Known losses: {', '.join(BUILTIN_LOSSES)}")
+
+
+def _print_error(err: UserError) -> None:
+    """Once, from rank 0, for errors every rank hits: all of them before the process groups exist (the
+    config and the same input files on every rank) and ``SharedError``s (a decision broadcast from
+    rank 0). Any other error may be one rank's own (its checkpoint shard): that rank says
+    it too, naming itself."""
+    if first_rank():
+        print(f"redi-train: error: {err}", file=sys.stderr, flush=True)
+    elif _groups_exist() and not isinstance(err, SharedError):
+        print(f"redi-train: error (rank {global_rank()}): {err}", file=sys.stderr, flush=True)
+
+
+def _groups_exist() -> bool:
+    if "torch.distributed" not in sys.modules:  # a config error: torch was never imported
+        return False
+    from redi_megatron.parallel.collectives import groups_initialized
+
+    return groups_initialized()
 
 
 def _teardown() -> None:

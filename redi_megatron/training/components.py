@@ -128,7 +128,7 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
 
     template = get_template(cfg.data.chat_template)
     tokenizer = load_tokenizer(tokenizer_dir, template)
-    pairs = spec.normalizer == "pairs"
+    pairs = dataset_kind(spec) == "pair"
     build = partial(build_pair_dataset if pairs else build_sft_dataset, template=template)
     rank0 = is_global_rank_zero()
     # Lengths are checked from curation's stored counts BEFORE tokenizing: a run over the limits is
@@ -141,9 +141,7 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
     # Rank 0 tokenizes and publishes the on-disk cache (atomic rename); the other ranks wait for it by
     # polling the file system, NOT in a barrier: a collective has a timeout (600 s), and tokenizing a
     # paper-scale set alone takes longer, which killed the run (issue 21).
-    # The tokenized cache lives in the run directory (removed with the run), unless $REDI_DATA_CACHE
-    # names a shared one.
-    cache = os.environ.get("REDI_DATA_CACHE") or os.path.join(cfg.checkpoint.save_dir, "cache", "tokenized")
+    cache = data_cache_dir(cfg, announce=rank0)
     dataset = build(cfg.data.train_path, tokenizer, cache_dir=cache, num_proc=cfg.data.num_proc,
                     progress=rank0, wait=not rank0)
     packing = PackingConfig(
@@ -168,6 +166,21 @@ def build_data(cfg: RunConfig, spec: LossSpec, tokenizer_dir: str, groups: Paral
     sampler = PackedStepSampler(dataset, packing, ParallelGroups.rank(groups.dp),
                                 ParallelGroups.size(groups.dp), pad_id=pad_id)
     return dataset, sampler
+
+
+def data_cache_dir(cfg: RunConfig, announce: bool = True) -> str:
+    """The tokenized cache root of a run (``data.cache_dir``; "" = ``$REDI_DATA_CACHE``, else beside the
+    curated data, else ``<save_dir>/cache/tokenized``): one cache per curated directory, shared by SFT,
+    REDI, DPO, SimPO and ``redi-tokenize``."""
+    from redi_megatron.data.tokenized import shared_cache_dir
+
+    return shared_cache_dir(cfg.data.cache_dir, cfg.data.train_path,
+                            os.path.join(cfg.checkpoint.save_dir, "cache", "tokenized"), announce)
+
+
+def dataset_kind(spec: LossSpec) -> str:
+    """The tokenized dataset a loss trains on: ``"pair"`` (chosen/rejected) or ``"sft"``."""
+    return "pair" if spec.normalizer == "pairs" else "sft"
 
 
 def apply_overlong(lengths, cfg: RunConfig, rank0: bool, announce: bool):

@@ -11,7 +11,7 @@ from redi_megatron.errors import UserError
 # Dotted keys (or prefixes ending in ".") that may differ from the checkpoint's run config.
 MAY_CHANGE = ("name", "logging.", "parallel.", "checkpoint.save_dir", "checkpoint.save_interval",
               "checkpoint.keep_last", "checkpoint.resume", "checkpoint.on_corrupt", "checkpoint.trust_unverified",
-              "checkpoint.init_from", "data.num_proc", "data.micro_batch_tokens", "data.tokenizer",
+              "checkpoint.init_from", "data.num_proc", "data.cache_dir", "data.micro_batch_tokens", "data.tokenizer",
               "data.train_path", "train.recompute", "train.on_nonfinite", "train.max_skipped_steps")
 
 

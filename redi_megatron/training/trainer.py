@@ -10,7 +10,7 @@ import os
 from typing import Any, Optional
 
 from redi_megatron.config.schema import RunConfig
-from redi_megatron.errors import UserError
+from redi_megatron.errors import SharedError, UserError
 from redi_megatron.parallel.state import ParallelGroups
 from redi_megatron.training import checkpointing as ckpt
 from redi_megatron.training.components import (
@@ -23,6 +23,7 @@ from redi_megatron.training.components import (
     validate,
     with_model,
 )
+from redi_megatron.training.preflight import check_data_kind, check_tokenizer_fits
 
 
 def _init_groups(cfg: RunConfig):
@@ -39,7 +40,7 @@ def _init_groups(cfg: RunConfig):
             raise UserError(f"process groups are tp/pp/cp={have}, config asks for {(p.tp, p.pp, p.cp)}")
         return groups()
     p = cfg.parallel
-    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed)
+    return init_parallel(tp=p.tp, pp=p.pp, cp=p.cp, vpp=p.vpp, seed=cfg.train.seed, timeout_s=p.timeout_s)
 
 
 def _lock_run_dir(save_dir: str, stack: contextlib.ExitStack) -> None:
@@ -56,7 +57,7 @@ def _lock_run_dir(save_dir: str, stack: contextlib.ExitStack) -> None:
             refused = str(err)
     refused = broadcast_object(refused)
     if refused:
-        raise UserError(refused)
+        raise SharedError(refused)
 
 
 def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple[Components, Optional[dict]]:
@@ -67,6 +68,8 @@ def setup(cfg: RunConfig, stack: Optional[contextlib.ExitStack] = None) -> tuple
 
     model_cfg, spec, hparams = validate(cfg, world_size())
     tokenizer_dir = resolve_tokenizer_dir(cfg)
+    check_data_kind(cfg)  # these two are also run by redi-train before Megatron is imported
+    check_tokenizer_fits(cfg, model_cfg, tokenizer_dir)
     grps = _init_groups(cfg)
     if stack is not None:
         _lock_run_dir(cfg.checkpoint.save_dir, stack)
@@ -108,8 +111,11 @@ def _announce_resume(cfg: RunConfig, model_cfg, path) -> None:
     from redi_megatron.parallel.collectives import is_global_rank_zero
     from redi_megatron.training.resume import check_resume_config
 
-    applied = check_resume_config(read_meta(path).get("run_config", {}), to_dict(with_model(cfg, model_cfg)),
-                                  str(path))
+    try:
+        applied = check_resume_config(read_meta(path).get("run_config", {}), to_dict(with_model(cfg, model_cfg)),
+                                      str(path))
+    except UserError as err:  # the same config and checkpoint on every rank: redi-train says it once
+        raise SharedError(str(err)) from None
     if is_global_rank_zero():
         print(f"redi-train: resuming from {path.name} ({path})", flush=True)
         for line in applied:
