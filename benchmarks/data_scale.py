@@ -205,7 +205,7 @@ def sampler_stage(positives: str, tok: str, cache: str) -> dict:
             "samples": len(ds), "tokens": int(ds.offsets[-1])}
 
 
-def train_argv(positives: str, tok: str, save_dir: str, num_proc: int) -> list[str]:
+def train_argv(positives: str, tok: str, save_dir: str, num_proc: int, cache: str) -> list[str]:
     import socket
 
     with socket.socket() as s:
@@ -213,7 +213,8 @@ def train_argv(positives: str, tok: str, save_dir: str, num_proc: int) -> list[s
         port = str(s.getsockname()[1])
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", port,
             "-m", "redi_megatron.training.cli", "--config", RECIPE, *TINY_RUN, f"data.train_path={positives}",
-            f"data.tokenizer={tok}", f"checkpoint.save_dir={save_dir}", f"data.num_proc={num_proc}"]
+            f"data.tokenizer={tok}", f"checkpoint.save_dir={save_dir}", f"data.num_proc={num_proc}",
+            f"data.cache_dir={cache}"]
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -254,13 +255,13 @@ def run(args: argparse.Namespace) -> dict:
 
     warm_dir = os.path.join(work, "run_warm")
     shutil.rmtree(warm_dir, ignore_errors=True)
-    res["train_warm"] = run_stage("train_warm", train_argv(positives, tok, warm_dir, args.num_proc),
-                                  {**env, "REDI_DATA_CACHE": cache}, work,
+    res["train_warm"] = run_stage("train_warm", train_argv(positives, tok, warm_dir, args.num_proc, cache), env, work,
                                   watch=os.path.join(warm_dir, "metrics.jsonl"))
     if args.cold:
         cold_dir = os.path.join(work, "run_cold")
-        shutil.rmtree(cold_dir, ignore_errors=True)  # its cache is inside (checkpoint.save_dir/cache)
-        res["train_cold"] = run_stage("train_cold", train_argv(positives, tok, cold_dir, args.num_proc), env, work,
+        shutil.rmtree(cold_dir, ignore_errors=True)
+        res["train_cold"] = run_stage("train_cold", train_argv(positives, tok, cold_dir, args.num_proc,
+                                                               os.path.join(cold_dir, "cache")), env, work,
                                       watch=os.path.join(cold_dir, "metrics.jsonl"))
     _rates(res)
     if not args.keep:

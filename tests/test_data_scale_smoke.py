@@ -28,8 +28,10 @@ def test_data_scale_benchmark_reaches_the_first_step(tmp_path):
     warm = res["train_warm"]
     assert 0 < warm["first_step_s"] <= warm["wall_s"]
     assert {"rank0", "rank1"} <= set(warm["peak_rss_mb"]) and all(v > 0 for v in warm["peak_rss_mb"].values())
-    # the warm run opened the ready cache: it built none of its own
-    assert not (tmp_path / "work" / "run_warm" / "cache").exists()
+    # the warm run opened the ready cache (data.cache_dir): it built none beside the data or in its run
+    work = tmp_path / "work"
+    assert (work / "cache").is_dir() and not (work / "curated" / "tokenized").exists()
+    assert not (work / "run_warm" / "cache").exists()
     assert len(json.loads((tmp_path / "work" / "run_warm" / "metrics.jsonl").read_text().splitlines()[0])) > 0
     assert set(res["extrapolated_to_516k_rows_s"]) == {"generate", "curate", "tokenize"}
     assert "extrapolated to 516499 rows" in r.stdout
