@@ -165,7 +165,9 @@ def test_readme_chain_with_over_long_positives_still_trains(tmp_path):
     refused = run(sft, "checkpoint.save_dir=runs/refused", expect=2)
     assert "2 sample(s) have a completion longer than data.max_completion_tokens=31968" in refused
     assert "counts stored by redi-curate" in refused and "Traceback" not in refused
-    assert not (tmp_path / "runs" / "refused" / "cache").exists()  # nothing was tokenized
+    # nothing was tokenized: no cache in the run, none beside the (re-curated) data
+    assert not (tmp_path / "runs" / "refused" / "cache").exists()
+    assert not (tmp_path / "data" / "openr1_curated" / "tokenized").exists()
     dropped = run(sft, "checkpoint.save_dir=runs/dropped", "data.overlong=drop")
     assert "data.overlong=drop: dropping 2 of" in dropped
     assert (tmp_path / "runs" / "dropped" / "checkpoints" / "step_0000002").is_dir()
