@@ -89,16 +89,22 @@ def resolve_tokenizer_dir(cfg: RunConfig) -> str:
     return path
 
 
-def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, Any]:
-    """Fail fast, before any process group or model exists, on config errors the schema's types cannot
-    express (the loader has already checked every type and enumerated value)."""
+def validate_data_and_loss(cfg: RunConfig) -> tuple[LossSpec, Any]:
+    """The data path exists and was curated with ``data.chat_template``; the loss and its parameters
+    are known. Shared by ``validate`` and ``redi-tokenize`` (which needs no model)."""
     if not cfg.data.train_path:
         raise UserError("data.train_path is required")
     if not os.path.exists(cfg.data.train_path):
         raise UserError(f"data.train_path: {cfg.data.train_path!r} does not exist")
     check_data_template(cfg.data.train_path, cfg.data.chat_template)
     spec = get_loss(cfg.loss.name)
-    hparams = spec.make_hparams(cfg.loss.params)
+    return spec, spec.make_hparams(cfg.loss.params)
+
+
+def validate(cfg: RunConfig, world_size: int) -> tuple[ModelConfig, LossSpec, Any]:
+    """Fail fast, before any process group or model exists, on config errors the schema's types cannot
+    express (the loader has already checked every type and enumerated value)."""
+    spec, hparams = validate_data_and_loss(cfg)
     model_cfg = resolve_model_config(cfg)
     cfg.parallel.validate(world_size, model_cfg)
     if cfg.train.fp8:

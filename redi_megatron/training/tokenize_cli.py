@@ -30,21 +30,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def tokenize_for_run(cfg, progress: bool = True):
     """Build (or reuse) the cache entry the run ``cfg`` will train on; returns the TokenizedDataset."""
-    import os
-
     from redi_megatron.data.pretokenize import pretokenize
-    from redi_megatron.data.template_record import check_data_template
     from redi_megatron.data.templates import get_template, load_tokenizer
-    from redi_megatron.losses.registry import get_loss
-    from redi_megatron.training.components import data_cache_dir, dataset_kind, resolve_tokenizer_dir
+    from redi_megatron.training.components import (
+        data_cache_dir,
+        dataset_kind,
+        resolve_tokenizer_dir,
+        validate_data_and_loss,
+    )
 
-    if not cfg.data.train_path:
-        raise UserError("data.train_path is required")
-    if not os.path.exists(cfg.data.train_path):
-        raise UserError(f"data.train_path: {cfg.data.train_path!r} does not exist")
-    check_data_template(cfg.data.train_path, cfg.data.chat_template)
-    spec = get_loss(cfg.loss.name)
-    spec.make_hparams(cfg.loss.params)
+    spec, _ = validate_data_and_loss(cfg)
     template = get_template(cfg.data.chat_template)
     tokenizer = load_tokenizer(resolve_tokenizer_dir(cfg), template)
     return pretokenize(dataset_kind(spec), cfg.data.train_path, tokenizer, template,
