@@ -84,7 +84,7 @@ def test_without_matching_counts_the_tokenized_lengths_decide(tiny_train_data, t
 
     d = tiny_train_data
     data = tmp_path / "curated"
-    shutil.copytree(os.path.dirname(d["positives"]), data)
+    shutil.copytree(os.path.dirname(d["positives"]), data, ignore=shutil.ignore_patterns("tokenized"))
     report = json.loads((data / "curation_report.json").read_text())
     report["token_counts"]["tokenizer_sha256"] = "0" * 64
     (data / "curation_report.json").write_text(json.dumps(report))

@@ -124,7 +124,8 @@ def test_stages_on_one_curated_dir_share_one_cache(tiny_train_data, tmp_path, mo
     from redi_megatron.training.tokenize_cli import main, tokenize_for_run
 
     curated = tmp_path / "curated"
-    shutil.copytree(Path(tiny_train_data["positives"]).parent, curated)
+    # the session fixture's dir may already hold a cache that earlier tests built: copy the data only
+    shutil.copytree(Path(tiny_train_data["positives"]).parent, curated, ignore=shutil.ignore_patterns("tokenized"))
     monkeypatch.delenv("REDI_DATA_CACHE", raising=False)
     built = []
     orig = pt._build_entry
