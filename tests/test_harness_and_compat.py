@@ -114,3 +114,28 @@ def _distributed_optimizer_vs_adam():
 
 def test_distributed_optimizer_runs_on_cpu_and_matches_adam():
     assert run_distributed(_distributed_optimizer_vs_adam, 1)[0] < 1e-7
+
+
+def test_a_lone_process_leaves_no_port_for_its_children(monkeypatch):
+    """A single-process init (a converter, an in-process test) picks its own port without exporting it:
+    a child started while the parent holds its group (the README chain's converter after in-process
+    tests) must not inherit MASTER_PORT and fail with EADDRINUSE. Values of the child's all-reduce too."""
+    import os
+    import subprocess
+    import sys
+
+    from redi_megatron.parallel.state import destroy_parallel, init_parallel
+
+    for var in ("MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    init_parallel(1, 1)
+    try:
+        assert "MASTER_PORT" not in os.environ
+        child = ("import torch, torch.distributed as dist\n"
+                 "from redi_megatron.parallel.state import init_parallel, destroy_parallel\n"
+                 "init_parallel(1, 1); t = torch.tensor([3.0]); dist.all_reduce(t); print(t.item())\n"
+                 "destroy_parallel()\n")
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip().endswith("3.0"), out.stderr[-2000:]
+    finally:
+        destroy_parallel()

@@ -66,16 +66,21 @@ def init_parallel(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = No
     if world_size % (tp * pp * cp):
         raise ValueError(f"world size {world_size} is not divisible by tp*pp*cp = {tp}*{pp}*{cp}")
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        init_method = None  # env:// (torchrun, Slurm, the test harness)
         if "MASTER_PORT" not in os.environ:
             if world_size > 1:
                 raise ValueError("MASTER_PORT is not set: launch multi-process runs with torchrun "
                                  "(or set MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE)")
-            os.environ["MASTER_PORT"] = str(free_port())  # a lone process: any free port
+            # A lone process (a converter, an in-process test): any free port, passed explicitly and
+            # never written to os.environ, where every child process would inherit a port this process
+            # may still hold (EADDRINUSE in a converter started later by the same parent).
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if on_gpu:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)) % torch.cuda.device_count())
-        dist.init_process_group("nccl" if on_gpu else "gloo", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if on_gpu else "gloo", init_method=init_method, rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout_s))
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
