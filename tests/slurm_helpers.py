@@ -8,6 +8,7 @@ Interface (used by the Slurm tests of every area):
     job_state(job_id) -> str              e.g. COMPLETED, FAILED, CANCELLED, PENDING, RUNNING
     wait_jobs(ids, timeout) -> dict[int, str]   waits until every job is in a final state; their states
     scontrol(*args) / scancel(*args)      the commands with a timeout, checked
+    direct_torchrun(config, overrides, port)   the same run under a direct 2-worker torchrun (asserts rc 0)
 The cluster keeps finished jobs for an hour (MinJobAge=3600), so scontrol answers for them; there is no
 accounting database (sacct does not work).
 """
@@ -126,3 +127,16 @@ def wait_jobs(ids: Iterable[int], timeout: float) -> dict[int, str]:
         if time.monotonic() > deadline:
             pytest.fail(f"Slurm jobs not finished after {timeout} s: {states}")
         time.sleep(0.5)
+
+
+def direct_torchrun(config: str | Path, overrides: Iterable[str], port: int, timeout: float = 240) -> None:
+    """The same training run as a Slurm job, started directly (torchrun, 2 workers on this machine), to
+    compare its per-step losses with the job's; asserts it exits 0."""
+    import sys
+
+    env = require_cluster()
+    env["OMP_NUM_THREADS"] = "1"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
+                        f"--master-port={port}", "-m", "redi_megatron.training.cli", "--config", str(config),
+                        *overrides], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stderr[-3000:]

@@ -139,3 +139,34 @@ def test_a_lone_process_leaves_no_port_for_its_children(monkeypatch):
         assert out.returncode == 0 and out.stdout.strip().endswith("3.0"), out.stderr[-2000:]
     finally:
         destroy_parallel()
+
+
+def _dp_all_reduce():
+    import torch.distributed as dist
+
+    from redi_megatron.parallel.state import groups
+
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t, group=groups().dp)
+    return t.item()
+
+
+def test_ranks_forked_after_an_in_process_run_do_not_hang(monkeypatch):
+    """An in-process init + destroy (a converter's main() in a test) leaves no process group behind:
+    megatron-core 0.16 forgot two globals, and ranks forked later hung forever in the inherited
+    ProcessGroupGloo's destructor (the full suite's order-dependent hangs of test_recipes). A parent
+    that still holds a group is refused before forking, with the names."""
+    from redi_megatron.parallel.state import destroy_parallel, init_parallel, live_groups
+
+    for var in ("MASTER_PORT", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    init_parallel(1, 1)
+    try:
+        held = live_groups()
+        assert "default" in held and "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO" in held
+        with pytest.raises(RuntimeError, match="still holds process groups .*default"):
+            run_distributed(_dp_all_reduce, 2)
+    finally:
+        destroy_parallel()
+    assert live_groups() == []
+    assert run_distributed(_dp_all_reduce, 2, timeout=90) == [3.0, 3.0]

@@ -10,13 +10,12 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import REPO, job_info, require_cluster, scancel, scontrol, submit, wait_jobs
+from tests.slurm_helpers import REPO, direct_torchrun, job_info, require_cluster, scancel, scontrol, submit, wait_jobs
 
 pytestmark = pytest.mark.slurm
 SLURM = REPO / "examples" / "slurm"
@@ -50,14 +49,8 @@ def _steps(run: Path) -> list[tuple[int, float]]:
 def uninterrupted(tiny_train_data, tmp_path_factory) -> list[tuple[int, float]]:
     """The same config under a direct torchrun (2 workers on this machine), never stopped."""
     run = tmp_path_factory.mktemp("direct") / "run"
-    env = require_cluster()
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                        f"--master-port={29600 + os.getpid() % 1000}", "-m", "redi_megatron.training.cli",
-                        "--config", str(REPO / "examples/configs/tiny_cpu_sft.yaml"),
-                        *_overrides(tiny_train_data, run)],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    direct_torchrun(REPO / "examples/configs/tiny_cpu_sft.yaml", _overrides(tiny_train_data, run),
+                    port=29600 + os.getpid() % 1000)
     losses = _steps(run)
     assert [s for s, _ in losses] == list(range(1, STEPS + 1))
     return losses

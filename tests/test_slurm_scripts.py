@@ -7,12 +7,11 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.slurm_helpers import REPO, job_info, require_cluster, submit, wait_jobs
+from tests.slurm_helpers import REPO, direct_torchrun, job_info, require_cluster, submit, wait_jobs
 
 SLURM = REPO / "examples" / "slurm"
 
@@ -105,14 +104,8 @@ def test_train_sbatch_two_nodes_gpus_from_allocation(tmp_path, tiny_train_data):
     assert "node_rank" not in log and "node-rank" not in log
     assert job_info(job)["ExitCode"] == "0:0"
     # the same config under a direct torchrun (2 workers on this machine): the same per-step losses
-    env = require_cluster()
-    env["OMP_NUM_THREADS"] = "1"
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                        f"--master-port={29500 + os.getpid() % 1000}", "-m", "redi_megatron.training.cli",
-                        "--config", str(REPO / "examples/configs/tiny_cpu_sft.yaml"),
-                        *_overrides(tiny_train_data, tmp_path / "direct")],
-                       env=env, cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    direct_torchrun(REPO / "examples/configs/tiny_cpu_sft.yaml", _overrides(tiny_train_data, tmp_path / "direct"),
+                    port=29500 + os.getpid() % 1000, timeout=180)
     slurm, direct = _losses(tmp_path / "run"), _losses(tmp_path / "direct")
     assert len(slurm) == 3 and slurm == direct
 

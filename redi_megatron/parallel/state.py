@@ -110,5 +110,39 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+    _drop_leftover_groups(ps)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _group_globals(ps) -> list[str]:
+    """Names of Megatron ``parallel_state`` globals that hold a process group (alone, in a list or dict)."""
+    names = []
+    for name, value in vars(ps).items():
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple)) else [value]
+        if name.startswith("_") and any(isinstance(v, dist.ProcessGroup) for v in items):
+            names.append(name)
+    return names
+
+
+def live_groups() -> list[str]:
+    """What this process holds of torch.distributed: ``"default"`` when the default group is initialised,
+    and the names of Megatron ``parallel_state`` globals that hold a process group. A process that forks
+    ranks must hold none (a forked ``ProcessGroupGloo`` hangs in its destructor)."""
+    from megatron.core import parallel_state as ps
+
+    return (["default"] if dist.is_initialized() else []) + _group_globals(ps)
+
+
+def _drop_leftover_groups(ps) -> None:
+    """Set to None every ``parallel_state`` global that still holds a process group after
+    ``destroy_model_parallel``.
+
+    megatron-core 0.16's ``destroy_model_parallel`` forgets ``_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP``
+    and its ``_GLOO`` twin. A process that forks after that (the test harness's ranks) inherits a
+    ``ProcessGroupGloo`` whose worker threads do not exist in the child; when the child's
+    ``initialize_model_parallel`` overwrites the global, the destructor joins those threads and hangs
+    forever (the order-dependent hangs of the full suite). Dropped here, the destructor runs in the
+    process that owns the threads."""
+    for name in _group_globals(ps):
+        setattr(ps, name, None)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from redi_megatron.parallel.state import free_port
+from redi_megatron.parallel.state import free_port, live_groups
 
 ALLOWED_WORLD_SIZES = (1, 2, 4, 8)
 
@@ -110,6 +110,10 @@ def run_distributed(fn: Callable, world_size: int, *, tp: int = 1, pp: int = 1, 
     import megatron.core.pipeline_parallel  # noqa: F401
 
     import redi_megatron.parallel.state  # noqa: F401
+    held = live_groups()
+    if held:  # a forked rank would inherit them and hang (or talk to the parent's world): fail loudly instead
+        raise RuntimeError(f"run_distributed: this process still holds process groups ({', '.join(held)}); "
+                           "call redi_megatron.parallel.state.destroy_parallel() before forking ranks")
     ctx = mp.get_context("fork")
     port = free_port()
     procs, conns = [], []
