@@ -16,6 +16,9 @@ DEB_PKGS=python3,python3-venv,ca-certificates
 TAG=ci-$$
 IMAGE=localhost/redi-megatron:$TAG
 CONTAINER=redi-ci-$$
+for b in podman debootstrap; do
+    command -v "$b" >/dev/null || { echo ".ci/image: $b missing (bash .ci/system-deps installs it)" >&2; exit 1; }
+done
 t0=$(date +%s)
 stamp() { echo ".ci/image: $1 at $(( $(date +%s) - t0 )) s"; }
 cleanup() {
