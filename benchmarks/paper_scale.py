@@ -19,6 +19,9 @@ tokenized again. Stages (each one resumable: ``--work`` is kept, a finished stag
   (``tokenized/`` beside the curated data).
 - ``redi_warm`` / ``sft_warm``: the REDI and SFT recipes with the ready cache: time to the first step, and
   the check that neither run tokenized anything (no ``tokenize`` line in its log).
+- ``sft_cold_t60``: the issue's exact failure, made harder: the SFT recipe on an empty cache of its own
+  (``<work>/cache_t60``) with ONE tokenization worker (rank 0 alone, as in the report) and the collective
+  timeout cut to ``parallel.timeout_s=60``: rank 1 waits several times that long and must still reach step 1.
 
 Prints and (``--out``) writes wall times, tokens/s, peak RSS per process and the time to each first step.
 """
@@ -39,7 +42,7 @@ from data_scale import TINY_RUN, run_stage  # noqa: E402
 
 CONFIGS = os.path.join(ROOT, "examples", "configs")
 SFT, REDI = os.path.join(CONFIGS, "qwen2.5-math-1.5b_sft.yaml"), os.path.join(CONFIGS, "qwen2.5-math-1.5b_redi.yaml")
-STAGES = ("generate", "sft_cold", "tokenize_pairs", "redi_warm", "sft_warm")
+STAGES = ("generate", "sft_cold", "tokenize_pairs", "redi_warm", "sft_warm", "sft_cold_t60")
 MAX_TRACE_WORDS = 18_900  # + the answer line stays under the paper's 19,000 completion tokens
 
 
@@ -109,10 +112,10 @@ def _port() -> str:
         return str(s.getsockname()[1])
 
 
-def _train(recipe: str, data: str, tok: str, save_dir: str, num_proc: int) -> list[str]:
+def _train(recipe: str, data: str, tok: str, save_dir: str, num_proc: int, *extra: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", _port(),
             "-m", "redi_megatron.training.cli", "--config", recipe, *TINY_RUN, f"data.train_path={data}",
-            f"data.tokenizer={tok}", f"checkpoint.save_dir={save_dir}", f"data.num_proc={num_proc}"]
+            f"data.tokenizer={tok}", f"checkpoint.save_dir={save_dir}", f"data.num_proc={num_proc}", *extra]
 
 
 def _tokenized_in(log: str) -> list[str]:
@@ -147,16 +150,19 @@ def run(args: argparse.Namespace) -> dict:
     if "generate" in stages:
         res["generate"] = generate(curated, args.positives, args.pairs, args.seed)
         print(f"paper_scale: generate {res['generate']}", flush=True)
-    runs = {"sft_cold": (SFT, pos), "redi_warm": (REDI, pairs), "sft_warm": (SFT, pos)}
+    runs = {"sft_cold": (SFT, pos, args.num_proc, ()), "redi_warm": (REDI, pairs, args.num_proc, ()),
+            "sft_warm": (SFT, pos, args.num_proc, ()),
+            "sft_cold_t60": (SFT, pos, 1, (f"data.cache_dir={os.path.join(work, 'cache_t60')}",
+                                           "parallel.timeout_s=60"))}
     for stage in stages:
         if stage == "tokenize_pairs":
             argv = [sys.executable, "-m", "redi_megatron.training.tokenize_cli", "--config", REDI,
                     f"data.train_path={pairs}", f"data.tokenizer={tok}", f"data.num_proc={args.num_proc}"]
             res[stage] = run_stage(stage, argv, env, work, timeout=args.timeout)
         elif stage in runs:
-            recipe, data = runs[stage]
+            recipe, data, num_proc, extra = runs[stage]
             save = os.path.join(work, f"run_{stage}")
-            res[stage] = run_stage(stage, _train(recipe, data, tok, save, args.num_proc), env, work,
+            res[stage] = run_stage(stage, _train(recipe, data, tok, save, num_proc, *extra), env, work,
                                    watch=os.path.join(save, "metrics.jsonl"), timeout=args.timeout)
             res[stage]["tokenize_lines"] = _tokenized_in(os.path.join(work, f"{stage}.log"))[-3:]
         elif stage != "generate":
