@@ -66,18 +66,9 @@ class _Traces:
         return f"<think>\n{self.text(n)}\n</think>\n\nThe answer is $\\boxed{{{answer}}}$."
 
 
-def _write(path: str, rows) -> int:
-    """Write JSONL beside ``path`` and rename it into place when complete (a killed run leaves no half file)."""
-    tmp, n = path + ".partial", 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-            n += 1
-    os.replace(tmp, path)
-    return n
-
-
 def generate(curated: str, positives: int, pairs: int, seed: int) -> dict:
+    from redi_megatron.data.synthetic import write_jsonl
+
     os.makedirs(curated, exist_ok=True)
     pos_path, pair_path = os.path.join(curated, "positives.jsonl"), os.path.join(curated, "pairs.jsonl")
     if os.path.exists(pos_path) and os.path.exists(pair_path):
@@ -99,8 +90,8 @@ def generate(curated: str, positives: int, pairs: int, seed: int) -> dict:
             yield {"problem": problems[i], "chosen": chosen[i] if i < len(chosen) else gen.trace("3"),
                    "rejected": gen.trace("4")}
 
-    _write(pos_path, pos_rows())
-    _write(pair_path, pair_rows())
+    write_jsonl(pos_rows(), pos_path)  # atomic: a killed run leaves no half file
+    write_jsonl(pair_rows(), pair_path)
     return {"wall_s": round(time.perf_counter() - t0, 1),
             "bytes": os.path.getsize(pos_path) + os.path.getsize(pair_path)}
 
